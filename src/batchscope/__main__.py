@@ -1,0 +1,3 @@
+from batchscope.cli.main import run
+
+run()

@@ -1,0 +1,32 @@
+"""`batchscope report RUN.json`: re-render a saved run's report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from batchscope.cli.common import console
+from batchscope.errors import UsageError
+from batchscope.record import RunRecord
+
+
+def command(
+    run: Path = typer.Argument(..., help="A run.json written by batchscope."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Where to write the HTML (default: next to RUN.json)."),
+) -> None:
+    """Re-render the HTML report and plots of a saved run."""
+    record = RunRecord.load(run)
+    out_dir = run.parent
+    if record.kind == "tune":
+        from batchscope.report.tune_report import write_tune_report
+
+        path = write_tune_report(record, out_dir, html_path=html)
+    elif record.kind == "sweep":
+        from batchscope.sweep.report import write_sweep_report
+
+        path = write_sweep_report(record, out_dir, html_path=html)
+    else:
+        raise UsageError(f"run record kind {record.kind!r} has no report; reports exist for tune and sweep runs")
+    console.print(f"report: {path}")

@@ -1,0 +1,64 @@
+"""`batchscope tune`: all probes, a recommendation and the report, in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from batchscope.cli.common import (DEVICE_HELP, JSON_HELP, OPTION_HELP, WORKLOAD_HELP, console,
+                                   err_console, parse_options, print_json)
+from batchscope.report.tune_report import summary_rows
+from batchscope.tune import tune
+
+
+def command(
+    workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
+    option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    budget: float = typer.Option(300.0, "--budget", help="Time budget in seconds for all probes."),
+    target: str = typer.Option("time", "--target", help="time (fastest to target) or examples."),
+    optimizer_family: Optional[str] = typer.Option(
+        None, "--optimizer-family", help="sgd (linear LR rule) or adam (sqrt); default: the workload's."),
+    memory_budget: Optional[str] = typer.Option(
+        None, "--memory-budget", help="Memory budget, e.g. 4GiB (CPU default: 1/4 of RAM, at most 2GiB)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for run.json, report.html, plots."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Measure memory, throughput and noise scale; recommend batch size, LR, warmup, accumulation."""
+    with err_console.status("tuning…") as status:
+        result = tune(
+            workload, device=device, budget_s=budget, target=target, optimizer_family=optimizer_family,
+            memory_budget=memory_budget, out_dir=out, workload_options=parse_options(option),
+            progress=lambda message: status.update(f"tuning: {message}"),
+        )
+    if json_out:
+        print_json(result.record.to_dict()["sections"] | {"record_path": _path(out, "run.json")})
+        return
+    table = Table(title=f"batchscope recommendation — {result.record.workload['name']}")
+    for column in ("setting", "reference", "recommended"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for row in summary_rows(result.record.sections, result.record.workload):
+        table.add_row(*(_cell(row[c]) for c in ("setting", "reference", "recommended")))
+    console.print(table)
+    for line in result.recommendation.rationale:
+        console.print(f"  • {line}", highlight=False)
+    for line in result.recommendation.caveats:
+        console.print(f"  [yellow]caveat:[/] {line}", highlight=False)
+    for line in result.record.errors:
+        console.print(f"  [red]note:[/] {line}", highlight=False)
+    if out is not None:
+        console.print(f"run record: {out / 'run.json'}\nreport:     {out / 'report.html'}")
+    console.print(f"({result.seconds:.0f}s)")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def _path(out: Optional[Path], name: str) -> Optional[str]:
+    return str(out / name) if out is not None else None

@@ -1,0 +1,236 @@
+"""One memory probe: real training steps at one batch size, and their peak memory.
+
+A probe is what the batch will meet in training: a fresh optimizer (its state is allocated by
+the first step, so at least two steps run), the workload's worst-case batch, forward, backward
+and optimizer step through `batchscope.step` (so autocast and channels_last are the workload's),
+optionally an eval-mode forward under `no_grad`. It fits when every step completed without an
+out-of-memory error and the measured peak stays within the budget. Between probes the gradients
+and the optimizer are dropped and the allocator's cache released, so an OOM leaves nothing
+behind that could make a later, smaller probe fail.
+
+How memory is read is pluggable (`MemoryMeter`), so tests can drive the real probe with a fake
+allocator of known behaviour. The default reads the device (`batchscope.device`): on an
+accelerator the framework's peak allocation, on CPU the process's resident-set high-water mark
+minus the resident set before the model was built (so the peak counts model, gradients,
+optimizer state and activations, but not the interpreter, the libraries or the loaded dataset).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from batchscope import device as devices
+from batchscope import step
+from batchscope.errors import ProbeFailedError
+from batchscope.guard import StateGuard
+from batchscope.oom import Outcome, run_catching_oom
+from batchscope.workload import Workload
+
+
+class MemoryMeter(Protocol):
+    """Reads the peak memory of a region: `reset()` opens it, `peak_bytes()` reads it."""
+
+    def reset(self) -> None: ...
+
+    def peak_bytes(self) -> int: ...
+
+
+class DeviceMemoryMeter:
+    """The device's own peak-memory counter.
+
+    With `relative=True` (CPU) the peak is measured from the process's memory at construction:
+    create the meter just before the model is built.
+    """
+
+    def __init__(self, device: torch.device, *, relative: bool) -> None:
+        self.device = device
+        self.baseline_bytes = devices.current_memory_bytes(device) if relative else 0
+
+    def exclude_growth_since(self, reading_bytes: int) -> None:
+        """Memory allocated since `reading_bytes` (a `current_memory_bytes` reading) is not
+        the workload's (e.g. batchscope's own snapshot of the model): move the baseline up."""
+        if self.baseline_bytes:
+            grown = devices.current_memory_bytes(self.device) - reading_bytes
+            self.baseline_bytes += max(0, grown)
+
+    def reset(self) -> None:
+        devices.reset_peak_memory(self.device)
+
+    def peak_bytes(self) -> int:
+        return max(0, devices.peak_memory_bytes(self.device) - self.baseline_bytes)
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """What every probe of one search runs."""
+
+    budget_bytes: int
+    steps: int = 2
+    eval_batch_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """One probe: the batch size, whether it fit, its measured peak (None after an OOM: the
+    reading would only be a lower bound), wall time, training steps completed, and why."""
+
+    batch_size: int
+    fits: bool
+    peak_bytes: int | None
+    seconds: float
+    steps: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MemoryProbe":
+        return cls(
+            batch_size=int(data["batch_size"]),
+            fits=bool(data["fits"]),
+            peak_bytes=None if data["peak_bytes"] is None else int(data["peak_bytes"]),
+            seconds=float(data["seconds"]),
+            steps=int(data["steps"]),
+            reason=str(data["reason"]),
+        )
+
+
+class InProcessRunner:
+    """Runs probes in this process on one model built up front and, when a `guard` is given,
+    protected by it (the model may be the user's own)."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        device: torch.device,
+        plan: ProbePlan,
+        guard: StateGuard | None,
+        meter: MemoryMeter | None = None,
+        warm_batch_size: int = 1,
+    ) -> None:
+        self.workload, self.device, self.plan = workload, device, plan
+        default_meter = DeviceMemoryMeter(device, relative=device.type == "cpu")
+        self.meter: MemoryMeter = meter if meter is not None else default_meter
+        self.model = self._build_model()
+        # Neither batchscope's snapshot of the model nor what a first step leaves behind for
+        # good (thread pools, kernel caches, the dataset a workload loads on first use: 60+ MiB
+        # of resident memory on CPU, independent of the batch) is the job's step memory.
+        before = devices.current_memory_bytes(device)
+        if guard is not None:
+            guard.protect(self.model)
+        if self.workload.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self._warm_up(warm_batch_size)
+        default_meter.exclude_growth_since(before)
+
+    def _build_model(self) -> nn.Module:
+        # Not step.build_model: the factory may hand back the user's own model
+        # (Workload.from_objects), which must be protected before its memory format or
+        # train/eval flag change; the caller does those after the snapshot.
+        outcome = run_catching_oom(lambda: self.workload.build_model(self.device), self.device)
+        if outcome.oom or outcome.value is None:
+            raise ProbeFailedError(
+                f"the model of workload {self.workload.name!r} alone does not fit on "
+                f"{self.device}: {outcome.message}"
+            )
+        return outcome.value
+
+    def _warm_up(self, batch_size: int) -> None:
+        """One untimed, unmeasured step at a small batch. An OOM here is left for the search
+        to find and report as a probe; an error in the workload's code surfaces now."""
+
+        def one_step() -> None:
+            workload, device = self.workload, self.device
+            optimizer = workload.build_optimizer(self.model.parameters(), workload.reference_lr)
+            batch = workload.worst_case(batch_size, device)
+            step.train_step(workload, self.model, optimizer, batch, device)
+
+        try:
+            run_catching_oom(one_step, self.device)
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            devices.release_memory(self.device)
+
+    def probe(self, batch_size: int) -> MemoryProbe:
+        completed = [0]
+
+        def steps() -> int:
+            workload, device = self.workload, self.device
+            try:
+                optimizer = workload.build_optimizer(self.model.parameters(),
+                                                     workload.reference_lr)
+                scaler = (torch.amp.GradScaler(device.type)
+                          if step.needs_grad_scaler(workload, device) else None)
+                self.meter.reset()  # the batch itself is part of the step's memory
+                batch = workload.worst_case(batch_size, device)
+                for _ in range(self.plan.steps):
+                    step.train_step(workload, self.model, optimizer, batch, device, scaler)
+                    completed[0] += 1
+                if self.plan.eval_batch_factor is not None:
+                    del batch  # a training loop drops its last batch before evaluating
+                    eval_size = max(1, math.ceil(self.plan.eval_batch_factor * batch_size))
+                    _evaluation_pass(workload, self.model, eval_size, device)
+                devices.synchronize(device)
+                return self.meter.peak_bytes()
+            finally:
+                # Partial gradients of a step that died in backward must not outlive it.
+                self.model.zero_grad(set_to_none=True)
+
+        started = time.perf_counter()
+        outcome = run_catching_oom(steps, self.device)
+        if not outcome.oom:  # after an OOM, run_catching_oom has released the memory already
+            devices.release_memory(self.device)
+        seconds = time.perf_counter() - started
+        return judge(batch_size, outcome, completed[0], seconds, self.plan)
+
+    def close(self) -> None:
+        del self.model
+        devices.release_memory(self.device)
+
+
+def judge(
+    batch_size: int, outcome: Outcome[int], completed: int, seconds: float, plan: ProbePlan
+) -> MemoryProbe:
+    """Fits only when every step ran, no OOM happened and the peak is within the budget."""
+    if outcome.oom:
+        return MemoryProbe(batch_size, False, None, seconds, completed,
+                           f"out of memory: {outcome.message}")
+    peak = int(outcome.value) if outcome.value is not None else None
+    if completed < plan.steps or peak is None:  # a run with missing steps proves nothing
+        return MemoryProbe(batch_size, False, peak, seconds, completed,
+                           f"only {completed} of {plan.steps} steps ran")
+    if peak > plan.budget_bytes:
+        return MemoryProbe(batch_size, False, peak, seconds, completed,
+                           f"over budget: peak {format_bytes(peak)} > "
+                           f"{format_bytes(plan.budget_bytes)}")
+    return MemoryProbe(batch_size, True, peak, seconds, completed, "fits")
+
+
+def format_bytes(value: float) -> str:
+    """`1536 -> "1.50 KiB"`: binary units, as allocators report them."""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _evaluation_pass(
+    workload: Workload, model: nn.Module, batch_size: int, device: torch.device
+) -> None:
+    batch = workload.worst_case(batch_size, device)
+    model.eval()
+    try:
+        with torch.no_grad(), step.autocast(workload, device):
+            workload.loss(model, batch)
+    finally:
+        model.train()

@@ -1,0 +1,192 @@
+"""Policy: turn measurements into a Recommendation a user can train with, and say why.
+
+The numbers come from the goodput plan (analysis/goodput.py) and the LR rules (scaling.py); this
+module only decides, explains and warns. It is torch-free so a recommendation can be recomputed
+from a saved run record.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from batchscope import scaling
+
+# Below ~16-32 examples per device BatchNorm's batch statistics get noisy enough to hurt accuracy
+# (Wu & He 2018, "Group Normalization", fig. 1); 32 is the conservative end.
+BATCHNORM_MIN_PER_DEVICE = 32
+# A noise scale measured in the first few hundred steps is an underestimate: B_noise grows as the
+# loss falls (McCandlish et al. 2018, sec. 4).
+EARLY_TRAINING_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    batch_size: int
+    per_device_batch_size: int
+    grad_accumulation: int
+    learning_rate: float
+    lr_rule: str
+    warmup_steps: int
+    predicted_speedup_vs_reference: float | None
+    base_batch_size: int
+    base_learning_rate: float
+    world_size: int = 1
+    good_range: tuple[int, int] | None = None
+    rationale: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["good_range"] = list(self.good_range) if self.good_range else None
+        return data
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the probes found, as plain numbers (all optional but the memory limit)."""
+
+    memory_limit: int
+    noise_scale: float | None = None
+    noise_status: str = "missing"
+    noise_interval: tuple[float | None, float | None] = (None, None)
+    noise_measured_at_step: int = 0
+    knee_batch_size: int | None = None
+    input_pipeline: Mapping[str, Any] | None = None
+    has_batchnorm: bool = False
+    memory_budget_note: str | None = None
+
+
+def recommend(
+    plan: Any,
+    evidence: Evidence,
+    *,
+    base_batch_size: int,
+    base_learning_rate: float,
+    optimizer_family: str,
+    steps_per_epoch: int | None = None,
+    lr_rule: str | None = None,
+    world_size: int = 1,
+    target: str = "time",
+) -> Recommendation:
+    """Combine a goodput plan with the LR rule for the optimizer family, then collect caveats.
+
+    `plan` is an `analysis.goodput.GoodputPlan` (batch_size, micro_batch_size, accumulation,
+    speedup_vs_reference, good_range).
+    """
+    rule = lr_rule or scaling.rule_for_family(optimizer_family)
+    batch = int(plan.batch_size)
+    usable_noise = evidence.noise_scale if evidence.noise_status == "ok" else None
+    lr_plan = scaling.scale_learning_rate(
+        base_learning_rate, base_batch_size, batch, rule,
+        noise_scale=usable_noise, family=optimizer_family,
+        # steps per epoch at the NEW batch size turns "5 warmup epochs" into steps
+        steps_per_epoch=max(1, steps_per_epoch) if steps_per_epoch else None,
+    )
+    warmup = lr_plan.warmup_steps or 0
+    per_device = int(plan.micro_batch_size)
+    accumulation = int(plan.accumulation)
+    per_device_total = max(1, per_device // max(1, world_size))
+    speedup = _finite_or_none(getattr(plan, "speedup_vs_reference", None))
+
+    rationale = _rationale(plan, evidence, rule, lr_plan, base_batch_size, base_learning_rate, target)
+    caveats = list(lr_plan.warnings)
+    caveats += _caveats(evidence, per_device_total, accumulation, world_size)
+    return Recommendation(
+        batch_size=batch,
+        per_device_batch_size=per_device_total,
+        grad_accumulation=accumulation,
+        learning_rate=float(lr_plan.learning_rate),
+        lr_rule=rule,
+        warmup_steps=int(warmup),
+        predicted_speedup_vs_reference=speedup,
+        base_batch_size=base_batch_size,
+        base_learning_rate=base_learning_rate,
+        world_size=world_size,
+        good_range=tuple(int(b) for b in plan.good_range) if plan.good_range else None,
+        rationale=rationale,
+        caveats=_unique(caveats),
+    )
+
+
+def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batch: int,
+               base_lr: float, target: str) -> list[str]:
+    lines = [
+        f"Largest batch verified to fit (with margin): {evidence.memory_limit}"
+        + (f" ({evidence.memory_budget_note})" if evidence.memory_budget_note else "") + "."
+    ]
+    if evidence.knee_batch_size:
+        lines.append(f"Throughput stops growing (95% of best) at batch {evidence.knee_batch_size}.")
+    if evidence.noise_scale is not None and evidence.noise_status == "ok":
+        low, high = evidence.noise_interval
+        interval = f" (CI {low:,.0f}-{high:,.0f})" if low is not None and high is not None else ""
+        lines.append(
+            f"Gradient noise scale B_simple ≈ {evidence.noise_scale:,.0f}{interval}: batches well "
+            f"above it waste examples."
+        )
+    else:
+        lines.append(
+            f"Noise scale not usable ({evidence.noise_status}); the choice rests on throughput only."
+        )
+    objective = ("fewest examples (within 10% of the minimum), then fastest" if target == "examples"
+                 else "shortest predicted time to the same loss, (B + B_noise) / throughput(B)")
+    lines.append(f"Objective: {objective}.")
+    speedup = _finite_or_none(getattr(plan, "speedup_vs_reference", None))
+    if speedup is not None:
+        lines.append(f"Predicted {speedup:.2f}x faster to target than the reference batch {base_batch}.")
+    if int(plan.accumulation) > 1:
+        lines.append(
+            f"Batch {plan.batch_size} does not fit at once: {plan.accumulation} accumulation steps of "
+            f"{plan.micro_batch_size}."
+        )
+    lines.append(
+        f"LR {lr_plan.learning_rate:.4g} by the {rule} rule from {base_lr:g} at batch {base_batch} "
+        f"(factor {lr_plan.factor:.3g})."
+    )
+    return lines
+
+
+def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size: int) -> list[str]:
+    caveats: list[str] = []
+    if evidence.has_batchnorm and per_device < BATCHNORM_MIN_PER_DEVICE:
+        caveats.append(
+            f"BatchNorm sees only {per_device} examples per device per step"
+            + (" (accumulation does not enlarge BN batches)" if accumulation > 1 else "")
+            + ": its statistics get noisy; consider SyncBatchNorm, GroupNorm or ghost batch norm."
+        )
+    if evidence.has_batchnorm and accumulation > 1 and per_device >= BATCHNORM_MIN_PER_DEVICE:
+        caveats.append(
+            "With gradient accumulation BatchNorm normalises over each micro-batch, not the global batch."
+        )
+    if world_size > 1:
+        caveats.append(
+            f"batch_size is global across {world_size} devices; each device runs "
+            f"{per_device} per step. Scale the LR by the global batch."
+        )
+    if evidence.noise_status == "ok" and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
+        caveats.append(
+            f"The noise scale was measured after {evidence.noise_measured_at_step} training steps; it "
+            f"usually grows as training proceeds, so larger batches pay off later (adaptive batch "
+            f"sizing exploits this)."
+        )
+    pipeline = evidence.input_pipeline or {}
+    if pipeline.get("bottleneck"):
+        caveats.append(
+            "Input pipeline caps throughput: "
+            + str(pipeline.get("note") or "the data path is slower than the model step")
+            + ". Move augmentation to the device or add DataLoader workers."
+        )
+    return caveats
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _unique(items: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return [item for item in items if not (item in seen or seen.add(item))]

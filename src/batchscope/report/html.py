@@ -1,0 +1,138 @@
+"""Self-contained HTML reports and figure files.
+
+A report is one HTML file a user can mail or open offline: figures are inlined as SVG (no
+network, no external assets), and every piece of text that came from a run (workload names, error
+messages, notes) is HTML-escaped, because a run record is data, not markup.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are rendered headless; never open a window
+
+from matplotlib.figure import Figure  # noqa: E402
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto;
+       max-width: 1100px; color: #1d1d1f; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
+table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
+th, td { border: 1px solid #d0d0d5; padding: .25rem .6rem; text-align: right; }
+th { background: #f2f2f5; } td.text, th.text { text-align: left; }
+.figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 1rem; }
+figure { margin: 0; border: 1px solid #e4e4e8; border-radius: 6px; padding: .5rem; }
+figcaption { font-weight: 600; margin-bottom: .3rem; } figure svg { width: 100%; height: auto; }
+ul.notes li { margin: .2rem 0; } .meta { color: #5b5b66; font-size: .85rem; }
+"""
+
+
+def figure_to_svg(figure: Figure) -> str:
+    """The figure as an inline <svg> element (XML prolog and DOCTYPE stripped)."""
+    buffer = io.StringIO()
+    # No date metadata: the same record renders to the same bytes.
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    svg = buffer.getvalue()
+    start = svg.find("<svg")
+    return svg[start:] if start >= 0 else svg
+
+
+def save_figures(out_dir: str | os.PathLike[str], figures: Iterable[tuple[str, Figure]]) -> list[Path]:
+    """Write each figure as `<slug>.png` and `<slug>.svg`; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for title, figure in figures:
+        slug = slugify(title)
+        for fmt in ("png", "svg"):
+            path = out / f"{slug}.{fmt}"
+            figure.savefig(path, format=fmt, dpi=120, bbox_inches="tight")
+            written.append(path)
+    return written
+
+
+def render_table(rows: Sequence[dict[str, Any]]) -> str:
+    """An HTML table from a list of dicts (columns from the first row, then any new keys)."""
+    if not rows:
+        return "<p class='meta'>(no rows)</p>"
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    head = "".join(f"<th class='{_cell_class(rows[0].get(c))}'>{_esc(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='{_cell_class(row.get(c))}'>{_esc(_format_cell(row.get(c)))}</td>"
+            for c in columns
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_html_report(
+    path: str | os.PathLike[str],
+    title: str,
+    figures: Sequence[tuple[str, Figure]],
+    tables: Sequence[tuple[str, Sequence[dict[str, Any]]]] = (),
+    notes: Sequence[str] = (),
+    subtitle: str = "",
+) -> Path:
+    """Write one self-contained HTML file: title, notes, tables, then the figures (inline SVG)."""
+    from batchscope.record import write_text_atomic
+
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+    ]
+    if subtitle:
+        parts.append(f"<p class='meta'>{_esc(subtitle)}</p>")
+    if notes:
+        parts.append("<ul class='notes'>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
+    for heading, rows in tables:
+        parts.append(f"<h2>{_esc(heading)}</h2>{render_table(rows)}")
+    if figures:
+        parts.append("<h2>Plots</h2><div class='figures'>")
+        for caption, figure in figures:
+            parts.append(
+                f"<figure id='{slugify(caption)}'><figcaption>{_esc(caption)}</figcaption>"
+                f"{figure_to_svg(figure)}</figure>"
+            )
+        parts.append("</div>")
+    parts.append("</body></html>\n")
+    return write_text_atomic(path, "".join(parts))
+
+
+def slugify(text: str) -> str:
+    slug = "".join(ch.lower() if ch.isalnum() else "-" for ch in text)
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug.strip("-") or "figure"
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _cell_class(value: Any) -> str:
+    return "num" if isinstance(value, (int, float)) and not isinstance(value, bool) else "text"

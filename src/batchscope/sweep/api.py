@@ -1,0 +1,282 @@
+"""`batchscope.sweep(...)`: short real training runs over batch sizes, and what they show.
+
+Each trial trains the workload from scratch for the same number of epochs at one batch size,
+with the LR (and warmup) scaled by a rule, evaluated on a common samples-seen grid. The result
+is the picture `tune`'s prediction should agree with: quality and time-to-target per batch
+size, and the Pareto front of time vs quality.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from batchscope import device as devices
+from batchscope.errors import UsageError
+from batchscope.guard import StateGuard
+from batchscope.record import environment_info
+from batchscope.sweep.grid import (
+    MODES,
+    SearchSpace,
+    expand_lr_rules,
+    grid_points,
+    validate_batch_sizes,
+)
+from batchscope.sweep.output import predicted_from_record, write_outputs
+from batchscope.sweep.results import SweepResult
+from batchscope.sweep.trial import run_trial
+from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings
+from batchscope.workload import Workload, resolve_workload
+
+BACKENDS = ("optuna", "ray")
+Progress = Callable[[str], None]
+
+
+def sweep(
+    workload: str | Workload,
+    batch_sizes: Sequence[int],
+    lr_rule: str | Sequence[str] = "linear",
+    epochs: int = 1,
+    target_metric: float | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    backend: str = "optuna",
+    device: str | torch.device | None = None,
+    out_dir: str | os.PathLike[str] = "batchscope-sweep",
+    pruning: bool = True,
+    mode: str = "grid",
+    n_trials: int | None = None,
+    predicted_batch_size: int | str | os.PathLike[str] | None = None,
+    *,
+    workload_options: dict[str, Any] | None = None,
+    evals_per_epoch: int = 2,
+    seed: int = 0,
+    warmup_epochs: float | None = None,
+    progress: Progress | None = None,
+    ray_address: str | None = None,
+    heartbeat_interval: float = 10.0,
+    report: bool = True,
+) -> SweepResult:
+    """Train one short trial per grid point (or `n_trials` searched points) and compare them.
+
+    Args:
+        workload: a built-in name, a `package.module:function` entry point, or a Workload
+            (it needs `epoch_batches`, `evaluate` and `dataset_size`).
+        batch_sizes: the grid (grid mode) or the range's ends (search mode).
+        lr_rule: "linear", "sqrt", "none" or "all" (every rule is a grid axis).
+        epochs: training epochs per trial (every trial sees the same samples).
+        target_metric: the quality to reach; time-to-target is measured against it.
+        storage: Optuna storage: None = a journal file in `out_dir` (resumable), a journal
+            file path, or an RDB URL (e.g. postgresql://...) that workers on many machines share.
+        study_name: the study to create or resume (default `<workload>-<mode>`).
+        backend: "optuna" (this process runs trials) or "ray" (Ray Tune, one trial per GPU).
+        pruning: stop hopeless trials early (successive halving / ASHA on the samples grid).
+        mode: "grid" (batch sizes x rules) or "search" (TPE over batch size and LR ranges).
+        n_trials: trials to finish in search mode.
+        predicted_batch_size: the batch `tune` recommended (an int, or a tune run.json path);
+            marked on the plots.
+        evals_per_epoch: evaluation points per epoch (the samples grid; pruning steps).
+        warmup_epochs: the LR rule's warmup length (default: 5 epochs, at most 20% of a trial).
+        progress: called with a one-line message after each evaluation.
+        report: also draw the figures and the HTML report (the record and CSV are always
+            written; workers of a shared sweep can leave the report to one of them).
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if mode not in MODES:
+        raise UsageError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+    if mode == "search":
+        if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials <= 0:
+            raise UsageError(f"n_trials={n_trials!r}: search mode needs a positive --n-trials, e.g. 20")
+    elif n_trials is not None:
+        raise UsageError("n_trials applies to --mode search only; a grid runs every point once")
+    rules = expand_lr_rules(lr_rule)
+    resolved = resolve_workload(workload, **(workload_options or {}))
+    if resolved.evaluate is None or resolved.epoch_batches is None or resolved.dataset_size is None:
+        raise UsageError(
+            f"workload {resolved.name!r} lacks evaluate/epoch_batches/dataset_size, which a sweep "
+            f"needs to train and score real epochs"
+        )
+    sizes = validate_batch_sizes(batch_sizes, resolved.dataset_size)
+    settings = TrialSettings(epochs, evals_per_epoch, seed, target_metric, warmup_epochs)
+    torch_device = devices.resolve_device(device)
+    out = Path(out_dir)
+    name = study_name or f"{resolved.name}-{mode}"
+    predicted = _predicted(predicted_batch_size)
+    space = (
+        SearchSpace.around(sizes, resolved.reference_batch_size, resolved.reference_lr)
+        if mode == "search"
+        else None
+    )
+    points = grid_points(sizes, rules) if space is None else None
+    config = _study_config(resolved, settings, mode, space)
+
+    if backend == "optuna":
+        records, early_stopping = _run_optuna(
+            resolved, points, space, n_trials, settings, torch_device, out, name, storage,
+            pruning, config, progress, heartbeat_interval,
+        )
+    else:
+        records, early_stopping = _run_ray(
+            workload, workload_options, resolved, points, space, n_trials, settings,
+            torch_device, out, name, pruning, progress, ray_address,
+        )
+    result = SweepResult.build(
+        records,
+        higher_is_better=resolved.higher_is_better,
+        target_metric=target_metric,
+        metric_name=resolved.metric_name,
+        config={**config, "backend": backend, "study": name, "lr_rules": rules,
+                "batch_sizes": sizes, "pruning": pruning, "early_stopping": early_stopping,
+                "n_trials": n_trials, "storage": _storage_label(storage, backend, out)},
+        predicted_batch_size=predicted,
+    )
+    if points is not None:
+        missing = sorted({p.key for p in points} - {t.key for t in result.trials})
+        if missing:
+            result.notes.append(
+                f"{len(missing)} grid point(s) not finished by this worker (still running on "
+                f"another worker, or interrupted): {', '.join(missing)}"
+            )
+    write_outputs(
+        result, out, workload=resolved.describe(), environment=environment_info(torch_device),
+        report=report,
+    )
+    return result
+
+
+def trial_runner(
+    workload: Workload,
+    settings: TrialSettings,
+    device: torch.device,
+    progress: Progress | None,
+) -> Callable[..., TrialRecord]:
+    """(point, on_eval) -> record, with the process's RNG states restored afterwards and a
+    progress line after each evaluation."""
+
+    def run(point: Any, on_eval: Callable[[EvalPoint, TrialRecord], bool]) -> TrialRecord:
+        def hook(evaluation: EvalPoint, record: TrialRecord) -> bool:
+            if progress is not None:
+                progress(
+                    f"[{record.key}] epoch {evaluation.epoch:g}: {workload.metric_name} "
+                    f"{evaluation.metric:.4f} after {evaluation.samples_seen} samples, "
+                    f"{evaluation.train_seconds:.1f}s"
+                )
+            return on_eval(evaluation, record)
+
+        with StateGuard(rng=True):
+            record = run_trial(workload, point, settings, device, hook)
+        if progress is not None:
+            progress(f"[{record.key}] {record.outcome}: final {workload.metric_name} {record.final_metric}")
+        return record
+
+    return run
+
+
+def _run_optuna(
+    workload: Workload, points, space, n_trials, settings, device, out, name, storage,  # noqa: ANN001
+    pruning: bool, config: dict[str, Any], progress: Progress | None, heartbeat_interval: float,
+) -> tuple[list[TrialRecord], dict[str, Any]]:
+    from batchscope.sweep.optuna_backend import OptunaOptions, OptunaSweep, open_storage, open_study
+
+    shared = storage is not None and "://" in storage
+    options = OptunaOptions(
+        study_name=name,
+        storage=storage,
+        pruning=pruning,
+        # The first pruning decision after one epoch (or half of a one-epoch trial): earlier,
+        # every curve is still mostly warmup and noise.
+        min_resource=settings.evals_per_epoch if settings.epochs > 1 else 1,
+        heartbeat_interval=heartbeat_interval,
+        grace_seconds=max(60.0, 6 * heartbeat_interval),
+        # Workers sharing a database would draw the same "random" start points from one seed.
+        sampler_seed=None if shared else settings.seed,
+    )
+    opened = open_storage(storage, out)
+    study = open_study(
+        opened, options, higher_is_better=workload.higher_is_better, config=config,
+        search=space is not None,
+    )
+    worker = OptunaSweep(study, opened, options)
+    runner = trial_runner(workload, settings, device, progress)
+    early_stopping: dict[str, Any] = (
+        {"name": "SuccessiveHalving", "step": "evaluation index",
+         "min_resource": options.min_resource, "reduction_factor": 3}
+        if pruning else {"name": "none"}
+    )
+    if space is None:
+        worker.run_grid(points, runner)
+        return worker.records({p.key for p in points}), early_stopping
+    worker.run_search(space, n_trials, runner)
+    return worker.records(), early_stopping
+
+
+def _run_ray(
+    workload: str | Workload, workload_options, resolved: Workload, points, space, n_trials,  # noqa: ANN001
+    settings: TrialSettings, device: torch.device, out: Path, name: str, pruning: bool,
+    progress: Progress | None, address: str | None,
+) -> tuple[list[TrialRecord], dict[str, Any]]:
+    from batchscope.sweep.ray_backend import RaySweepSpec, run_ray_sweep, scheduler_description
+
+    spec = RaySweepSpec(
+        # A name or entry point is resolved again inside each Ray worker (its own data cache);
+        # a Workload object travels pickled.
+        workload=workload if isinstance(workload, str) else resolved,
+        workload_options=dict(workload_options or {}),
+        settings=settings,
+        points=points,
+        space=space,
+        n_trials=n_trials,
+        device=device,
+        pruning=pruning,
+        higher_is_better=resolved.higher_is_better,
+        storage_dir=out / "ray",
+        name=name,
+        address=address,
+    )
+    return run_ray_sweep(spec, progress), scheduler_description(spec)
+
+
+def _study_config(
+    workload: Workload, settings: TrialSettings, mode: str, space: SearchSpace | None
+) -> dict[str, Any]:
+    """What must match for trials to be comparable (a resumed study is checked against it)."""
+    return {
+        "workload": workload.name,
+        "dataset_size": workload.dataset_size,
+        "reference_batch_size": workload.reference_batch_size,
+        "reference_lr": workload.reference_lr,
+        "schedule": workload.schedule,
+        "epochs": settings.epochs,
+        "evals_per_epoch": settings.evals_per_epoch,
+        "seed": settings.seed,
+        "warmup_epochs": settings.rule_warmup_epochs,
+        "mode": mode,
+        "search_space": space.to_dict() if space is not None else None,
+    }
+
+
+def _predicted(value: int | str | os.PathLike[str] | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise UsageError(f"predicted_batch_size={value} must be positive")
+        return value
+    text = str(value)
+    if text.isdigit():
+        return _predicted(int(text))
+    return predicted_from_record(text)
+
+
+def _storage_label(storage: str | None, backend: str, out: Path) -> str:
+    if backend == "ray":
+        return str(out / "ray")
+    from batchscope.sweep.optuna_backend import JOURNAL_NAME, redact_url
+
+    if storage is None:
+        return str(out / JOURNAL_NAME)
+    return redact_url(storage)

@@ -1,0 +1,205 @@
+"""One sweep trial: real training at one batch size, evaluated on a common samples-seen grid.
+
+Every trial trains for the same number of epochs, so trials at different batch sizes see the
+same number of samples and take different numbers of steps. Evaluations happen at the same
+fractions of an epoch for every trial (`evals_per_epoch` per epoch, the last one at the end of
+each epoch), so curves of different batch sizes can be compared at equal samples seen, and the
+index of an evaluation point is the "step" the pruners (Optuna's successive halving, Ray's ASHA)
+compare trials at.
+
+Wall time on the curves is *training* time: the clock stops while the model is evaluated,
+because every trial evaluates equally often and evaluation cost says nothing about the batch
+size. Throughput is samples per training second.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from batchscope import device as devices
+from batchscope.errors import UsageError
+from batchscope.oom import is_oom, oom_message
+from batchscope.step import build_model, needs_grad_scaler, train_step
+from batchscope.sweep.grid import GridPoint
+from batchscope.sweep.schedule import LrSchedule, plan_schedule
+from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings, summarise
+from batchscope.workload import Workload
+
+OnEval = Callable[[EvalPoint, TrialRecord], bool]
+"""Called after each evaluation with the point and the record so far; True stops the trial
+(pruned)."""
+
+
+def eval_steps(steps_per_epoch: int, settings: TrialSettings) -> list[int]:
+    """The global step after which grid point k (1-based) is evaluated: the same fraction of an
+    epoch for every batch size, at least one step in, each epoch's last point at its last step."""
+    per = settings.evals_per_epoch
+    # k * S / per rounded half up, in integers (round() would round half to even).
+    return [
+        max(1, (2 * k * steps_per_epoch + per) // (2 * per))
+        for k in range(1, settings.eval_points + 1)
+    ]
+
+
+def run_trial(
+    workload: Workload,
+    point: GridPoint,
+    settings: TrialSettings,
+    device: torch.device,
+    on_eval: OnEval | None = None,
+) -> TrialRecord:
+    """Train a fresh model at `point` and return what was measured.
+
+    Divergence (a non-finite training loss) and out-of-memory end the trial with that outcome;
+    any other exception is the workload's bug and propagates. Seeds python, numpy and torch;
+    callers that must leave the process's RNG untouched wrap this in a state guard.
+    """
+    if workload.epoch_batches is None or workload.evaluate is None:
+        raise UsageError(
+            f"workload {workload.name!r} has no epoch_batches/evaluate; a sweep trains and "
+            f"evaluates real epochs, so the workload must provide both"
+        )
+    if workload.dataset_size is None:
+        raise UsageError(
+            f"workload {workload.name!r} has no dataset_size; a sweep needs it to give every "
+            f"batch size the same epochs"
+        )
+    steps_per_epoch = workload.dataset_size // point.batch_size
+    schedule = plan_schedule(
+        point,
+        reference_batch_size=workload.reference_batch_size,
+        reference_lr=workload.reference_lr,
+        schedule=workload.schedule,
+        workload_warmup_epochs=workload.warmup_epochs,
+        steps_per_epoch=steps_per_epoch,
+        epochs=settings.epochs,
+        rule_warmup_epochs=settings.rule_warmup_epochs,
+    )
+    record = TrialRecord(
+        key=point.key,
+        batch_size=point.batch_size,
+        lr_rule=point.lr_rule,
+        learning_rate=schedule.peak_lr,
+        warmup_steps=schedule.warmup_steps,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=schedule.total_steps,
+        seed=settings.seed,
+    )
+    started = time.perf_counter()
+    oom_error: BaseException | None = None
+    try:
+        _train(workload, point, settings, device, schedule, record, on_eval)
+    except Exception as exc:  # noqa: BLE001 - only OOMs are results; the rest re-raise
+        if not is_oom(exc):
+            raise
+        oom_error = exc
+    if oom_error is not None:
+        record.outcome, record.message = "oom", oom_message(oom_error)
+        del oom_error  # the traceback pins the failed step's tensors; drop it, then free
+        devices.release_memory(device)
+    record.wall_seconds = time.perf_counter() - started
+    summarise(record, settings, workload.higher_is_better)
+    return record
+
+
+def _train(
+    workload: Workload,
+    point: GridPoint,
+    settings: TrialSettings,
+    device: torch.device,
+    schedule: LrSchedule,
+    record: TrialRecord,
+    on_eval: OnEval | None,
+) -> None:
+    _burn_in(workload, point, device, schedule.peak_lr)
+    _seed_everything(settings.seed, device)
+    model = build_model(workload, device)
+    optimizer = workload.build_optimizer(model.parameters(), schedule.peak_lr)
+    # Keep the ratios between parameter groups the user's factory set up; scale them all.
+    group_peaks = [group["lr"] / schedule.peak_lr for group in optimizer.param_groups]
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(workload, device) else None
+    targets = eval_steps(record.steps_per_epoch, settings)
+    loss_sum = torch.zeros((), device=device)
+    loss_steps = 0
+    train_seconds = 0.0
+    step = 0
+    next_eval = 0
+    for epoch in range(settings.epochs):
+        devices.synchronize(device)
+        clock = time.perf_counter()
+        batches = workload.epoch_batches(point.batch_size, device, settings.seed + epoch)
+        for batch_index, batch in enumerate(batches):
+            if batch_index >= record.steps_per_epoch:
+                break
+            lr = schedule.lr_at(step)
+            for group, share in zip(optimizer.param_groups, group_peaks):
+                group["lr"] = lr * share
+            # Summed on the device: reading the loss every step would sync every step.
+            loss_sum += train_step(workload, model, optimizer, batch, device, scaler).float()
+            loss_steps += 1
+            step += 1
+            while next_eval < len(targets) and targets[next_eval] == step:
+                devices.synchronize(device)
+                train_seconds += time.perf_counter() - clock
+                record.steps_done, record.samples_seen = step, step * point.batch_size
+                record.train_seconds = train_seconds
+                mean_loss = float(loss_sum.item()) / loss_steps if loss_steps else None
+                if mean_loss is not None and not math.isfinite(mean_loss):
+                    record.outcome = "diverged"
+                    record.message = f"training loss became non-finite before step {step}"
+                    return
+                metric = float(workload.evaluate(model, device))
+                model.train()
+                loss_sum.zero_()
+                loss_steps = 0
+                evaluation = EvalPoint(
+                    index=next_eval + 1,
+                    epoch=(next_eval + 1) / settings.evals_per_epoch,
+                    step=step,
+                    samples_seen=record.samples_seen,
+                    train_seconds=train_seconds,
+                    metric=metric,
+                    train_loss=mean_loss,
+                )
+                record.curve.append(evaluation)
+                next_eval += 1
+                if on_eval is not None and on_eval(evaluation, record):
+                    record.outcome = "pruned"
+                    return
+                clock = time.perf_counter()
+        devices.synchronize(device)
+        train_seconds += time.perf_counter() - clock
+    record.steps_done, record.samples_seen = step, step * point.batch_size
+    if not record.curve or record.curve[-1].step != step:
+        record.train_seconds = train_seconds  # else it stays the last evaluation's clock
+    if step == 0:
+        raise UsageError(
+            f"workload {workload.name!r} yielded no batch of size {point.batch_size}; a trial "
+            f"that trains zero steps measures nothing"
+        )
+
+
+def _burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: float) -> None:
+    """One untimed step on a throwaway model, so one-time costs (decoding the dataset into its
+    cache, the CUDA context, cuDNN autotuning for this batch shape) are not charged to whichever
+    trial happens to run first."""
+    model = build_model(workload, device)
+    optimizer = workload.build_optimizer(model.parameters(), lr)
+    batch = next(iter(workload.epoch_batches(point.batch_size, device, 0)), None)
+    if batch is not None:
+        train_step(workload, model, optimizer, batch, device)
+    devices.synchronize(device)
+    del model, optimizer, batch
+
+
+def _seed_everything(seed: int, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    devices.manual_seed_device(device, seed)

@@ -1,0 +1,281 @@
+"""`tune`: the whole pipeline for one workload, within a time budget.
+
+memory probe -> throughput probe -> noise probe -> goodput plan -> recommendation -> record/report.
+
+The record is saved after every stage, so a run that fails or is interrupted keeps what it
+measured (and says what went wrong in `errors`). The time budget is shared out up front: the
+memory probe first (everything depends on it), then throughput up to the memory limit, then the
+noise probe with as many samples as the remaining time buys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from batchscope import device as devices
+from batchscope.analysis.goodput import GoodputPlan, plan_batch_size
+from batchscope.analysis.throughput_model import fit_throughput_model
+from batchscope.errors import UsageError
+from batchscope.guard import StateGuard
+from batchscope.probes.memory import MemoryProbeResult, parse_size, probe_memory
+from batchscope.probes.noise import NoiseScaleResult, estimate_noise_scale
+from batchscope.probes.throughput import ThroughputResult, measure_throughput
+from batchscope.record import RunRecord, environment_info
+from batchscope.recommend import Evidence, Recommendation, recommend
+from batchscope.workload import Workload, resolve_workload
+
+logger = logging.getLogger(__name__)
+
+Target = Literal["time", "examples"]
+Progress = Callable[[str], None]
+
+MIN_BUDGET_S = 20.0
+# On CPU there is no device capacity to probe against; a quarter of RAM (at most 2 GiB) keeps
+# a default tune from swapping the machine and its largest probes short.
+CPU_DEFAULT_BUDGET_BYTES = 2 * 1024**3
+# Share of the budget each stage may plan for (memory takes what it needs first).
+NOISE_SHARE = 0.30
+NOISE_TRAIN_SHARE = 0.20
+MAX_ACCUMULATION = 16
+# "examples" target: batches whose examples-to-target stay within 10% of the minimum,
+# E/E_min = 1 + B/B_noise <= 1.1.
+EXAMPLES_SLACK = 0.10
+
+
+@dataclass
+class TuneResult:
+    recommendation: Recommendation
+    plan: GoodputPlan
+    memory: MemoryProbeResult
+    throughput: ThroughputResult
+    noise: NoiseScaleResult | None
+    record: RunRecord
+    out_dir: Path | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.record.to_dict()
+
+
+def tune(
+    workload: Workload | str,
+    *,
+    device: str | torch.device | None = None,
+    budget_s: float = 300.0,
+    target: Target = "time",
+    optimizer_family: str | None = None,
+    memory_budget: int | str | None = None,
+    out_dir: str | Path | None = None,
+    workload_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> TuneResult:
+    """Measure memory, throughput and gradient noise, then recommend batch size, LR, warmup and
+    gradient accumulation for `workload` on `device`.
+
+    Args:
+        budget_s: wall-clock seconds to plan for (the probes adapt their sample counts to it).
+        target: "time" minimises predicted wall time to the target loss; "examples" keeps the
+            examples needed within 10% of the minimum, then picks the fastest such batch.
+        optimizer_family: "sgd" (linear LR rule) or "adam" (square root); defaults to the
+            workload's.
+        memory_budget: bytes or "4GiB"; required meaningfully on CPU (default there: a quarter of
+            RAM, at most 2 GiB), optional on accelerators.
+        out_dir: where `run.json`, `report.html` and the plots go (None: nothing written).
+    """
+    started = time.perf_counter()
+    say = progress or (lambda message: logger.info(message))
+    _check_arguments(budget_s, target, optimizer_family)
+    resolved = resolve_workload(workload, **(workload_options or {}))
+    family = optimizer_family or resolved.optimizer_family
+    where = devices.resolve_device(device)
+    out = _prepare_out_dir(out_dir)
+    budget_bytes = _memory_budget(memory_budget, where)
+
+    record = RunRecord(kind="tune", workload=resolved.describe(), environment=environment_info(where))
+    record.sections["settings"] = {
+        "budget_s": budget_s, "target": target, "optimizer_family": family,
+        "memory_budget_bytes": budget_bytes, "device": str(where),
+    }
+
+    def stage(name: str, run: Callable[[], Any]) -> Any:
+        say(f"{name}...")
+        try:
+            value = run()
+        except BaseException as exc:
+            record.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            _save(record, out)
+            raise
+        _save(record, out)
+        return value
+
+    memory: MemoryProbeResult = stage("memory probe", lambda: probe_memory(
+        resolved, device=where, memory_budget=budget_bytes))
+    record.sections["memory"] = memory.to_dict()
+    _save(record, out)
+
+    throughput: ThroughputResult = stage("throughput probe", lambda: measure_throughput(
+        resolved, device=where, max_batch_size=memory.recommended_batch_size))
+    record.sections["throughput"] = throughput.to_dict()
+    model = _throughput_model(throughput)
+
+    remaining = budget_s - (time.perf_counter() - started)
+    noise: NoiseScaleResult | None = None
+    train_steps, samples = _noise_plan(resolved, model, remaining)
+    if samples >= 4:
+        noise = stage("noise probe", lambda: estimate_noise_scale(
+            resolved, device=where, steps=samples, train_steps=train_steps))
+        record.sections["noise"] = noise.to_dict()
+    else:
+        record.errors.append(
+            f"noise probe skipped: {remaining:.0f}s of budget left buys fewer than 4 samples; "
+            f"raise --budget"
+        )
+
+    has_batchnorm = _has_batchnorm(resolved, where)
+    noise_value = _usable_noise(noise)
+    candidates = _candidates(resolved, throughput, memory.recommended_batch_size, target, noise_value)
+    plan = plan_batch_size(
+        candidates, model, noise_value, max_fit_batch_size=memory.recommended_batch_size,
+        reference_batch_size=resolved.reference_batch_size, max_accumulation=MAX_ACCUMULATION,
+    )
+    record.sections["goodput"] = plan.to_dict()
+    evidence = Evidence(
+        memory_limit=memory.recommended_batch_size,
+        noise_scale=noise_value,
+        noise_status=noise.status if noise is not None else "not measured",
+        noise_interval=(noise.ci_low, noise.ci_high) if noise is not None else (None, None),
+        noise_measured_at_step=train_steps,
+        knee_batch_size=throughput.knee_batch_size,
+        input_pipeline=_as_dict(throughput.input_pipeline),
+        has_batchnorm=has_batchnorm,
+        memory_budget_note=f"budget {budget_bytes / 1024**3:.2f} GiB" if budget_bytes else None,
+    )
+    steps_per_epoch = (resolved.dataset_size // plan.batch_size) if resolved.dataset_size else None
+    recommendation = recommend(
+        plan, evidence, base_batch_size=resolved.reference_batch_size,
+        base_learning_rate=resolved.reference_lr, optimizer_family=family,
+        steps_per_epoch=steps_per_epoch or None, target=target,
+    )
+    record.sections["recommendation"] = recommendation.to_dict()
+    seconds = time.perf_counter() - started
+    record.sections["settings"]["seconds"] = seconds
+    _save(record, out)
+    if out is not None:
+        from batchscope.report.tune_report import write_tune_report
+
+        write_tune_report(record, out)
+    return TuneResult(recommendation, plan, memory, throughput, noise, record, out, seconds)
+
+
+# -- stages' details -----------------------------------------------------------------------------
+
+
+def _check_arguments(budget_s: float, target: str, family: str | None) -> None:
+    if not isinstance(budget_s, (int, float)) or not budget_s >= MIN_BUDGET_S:
+        raise UsageError(
+            f"budget={budget_s!r} seconds is too small to measure anything; give at least "
+            f"{MIN_BUDGET_S:g} (a few minutes is typical)"
+        )
+    if target not in ("time", "examples"):
+        raise UsageError(f"target={target!r} is not one of time, examples")
+    if family is not None and family not in ("sgd", "adam"):
+        raise UsageError(f"optimizer_family={family!r} is not one of sgd, adam")
+
+
+def _prepare_out_dir(out_dir: str | Path | None) -> Path | None:
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".batchscope-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"output directory {str(out)!r} is not writable ({exc.strerror}); pass --out with a "
+            f"writable directory"
+        ) from None
+    return out
+
+
+def _memory_budget(memory_budget: int | str | None, where: torch.device) -> int | None:
+    if memory_budget is not None:
+        return parse_size(memory_budget)
+    if where.type == "cpu":
+        return min(CPU_DEFAULT_BUDGET_BYTES, devices.total_memory_bytes(where) // 4)
+    return None
+
+
+def _save(record: RunRecord, out: Path | None) -> None:
+    if out is not None:
+        record.save(out / "run.json")
+
+
+def _throughput_model(throughput: ThroughputResult) -> Any:
+    points = [p for p in throughput.points if p.samples_per_s]
+    if not points:
+        raise UsageError("the throughput probe measured no batch size; raise --budget or check the workload")
+    return fit_throughput_model([p.batch_size for p in points], [p.step_s for p in points])
+
+
+def _noise_plan(workload: Workload, model: Any, remaining_s: float) -> tuple[int, int]:
+    """(training steps before measuring, noise samples) that fit the remaining budget.
+
+    A sample costs about one reference-sized step (k micro-batches of reference/k); training
+    first moves the measurement past initialisation, where B_noise is smallest.
+    """
+    step_s = float(model.step_seconds(workload.reference_batch_size)) * 1.3  # + norms, copies
+    if not math.isfinite(step_s) or step_s <= 0:
+        return 0, 0
+    epoch_steps = (workload.dataset_size or 0) // workload.reference_batch_size
+    train_steps = int(min(epoch_steps or 200, (NOISE_TRAIN_SHARE * remaining_s) / step_s))
+    samples = int(min(64, (NOISE_SHARE * remaining_s) / step_s))
+    return max(0, train_steps), samples
+
+
+def _usable_noise(noise: NoiseScaleResult | None) -> float | None:
+    if noise is None or noise.status != "ok" or noise.b_simple is None:
+        return None
+    return float(noise.b_simple) if math.isfinite(noise.b_simple) and noise.b_simple > 0 else None
+
+
+def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: int,
+                target: str, noise: float | None) -> list[int]:
+    smallest = min(p.batch_size for p in throughput.points)
+    largest = memory_limit * MAX_ACCUMULATION
+    if workload.dataset_size:
+        largest = min(largest, workload.dataset_size)
+    sizes = {memory_limit, workload.reference_batch_size}
+    size = 1 << max(0, smallest.bit_length() - 1)
+    while size <= largest:
+        sizes.add(size)
+        size *= 2
+    sizes = {s for s in sizes if smallest <= s <= largest} or {smallest}
+    if target == "examples" and noise is not None:
+        sample_efficient = {s for s in sizes if s <= EXAMPLES_SLACK * noise}
+        sizes = sample_efficient or {min(sizes)}
+    return sorted(sizes)
+
+
+def _has_batchnorm(workload: Workload, where: torch.device) -> bool:
+    with StateGuard(rng=True) as guard:
+        model = workload.build_model(where)
+        guard.protect(model)
+        found = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    del model
+    return found
+
+
+def _as_dict(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)

@@ -1,0 +1,92 @@
+"""`batchscope probe memory` through a local Typer app (the lead registers it in cli/main)."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from torch import nn
+from typer.testing import CliRunner
+
+from batchscope.cli import probe_memory as cli
+from batchscope.errors import UsageError
+from batchscope.record import RunRecord
+from batchscope.workload import Workload
+
+SPEC = f"{__name__}:tiny_workload"
+
+
+def tiny_workload() -> Workload:
+    def make_batch(batch_size: int, device: torch.device, generator: torch.Generator) -> Any:
+        x = torch.randn(batch_size, 3, 8, 8, generator=generator)
+        return x.to(device), torch.randint(0, 4, (batch_size,), generator=generator).to(device)
+
+    return Workload(
+        name="tiny-cli",
+        build_model=lambda device: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(),
+                                                 nn.Linear(8 * 8 * 8, 4)).to(device),
+        build_optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        loss=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
+        make_batch=make_batch, reference_batch_size=16, reference_lr=0.01,
+    )
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    application = typer.Typer()
+    application.command()(cli.command)
+    return application
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _frozen_import_objects() -> Any:
+    # See test_memory_probe_fake.py: keeps each probe's gc.collect() cheap.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+def test_json_output_and_run_record(app: typer.Typer, tmp_path: Path) -> None:
+    out = tmp_path / "runs" / "run.json"
+    result = CliRunner().invoke(app, ["--workload", SPEC, "--device", "cpu",
+                                      "--memory-budget", "256MiB", "--max-batch-size", "64",
+                                      "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["max_batch_size"] == 64 and data["capped_by"] == "user max_batch_size"
+    assert data["recommended_batch_size"] == 57  # 64 - 10% = 57.6 -> 57 (< 64: not rounded)
+    assert [p["batch_size"] for p in data["probes"]] == [8, 64]
+    assert data["budget_bytes"] == 256 * 2**20
+    record = RunRecord.load(out)
+    assert record.kind == "probe-memory"
+    assert record.sections["memory"]["max_batch_size"] == 64
+    assert record.workload["name"] == "tiny-cli"
+
+
+def test_human_output(app: typer.Typer) -> None:
+    result = CliRunner().invoke(app, ["-w", SPEC, "--device", "cpu", "--memory-budget", "256MiB",
+                                      "--max-batch-size", "16", "--margin", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "Memory probes on cpu (budget 256.00 MiB)" in result.stdout
+    assert "largest verified batch: 16" in result.stdout
+    assert "recommended batch:      8" in result.stdout
+    assert "user max_batch_size" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [(["--memory-budget", "lots"], "not a size"), ([], "--memory-budget"),
+     (["--memory-budget", "1GiB", "--margin", "1.5"], "margin")],
+)
+def test_usage_errors(app: typer.Typer, args: list[str], match: str) -> None:
+    result = CliRunner().invoke(app, ["-w", SPEC, "--device", "cpu", *args])
+    assert isinstance(result.exception, UsageError)
+    assert match in str(result.exception)

@@ -1,0 +1,508 @@
+"""The throughput probe's orchestration, on workloads whose step time is known.
+
+The fake workload's loss takes `a + b * B` seconds (its model is a tiny linear layer), so the true
+throughput is `B / (a + b * B)` and every derived answer (knee, early stop, data wait) is known in
+advance. Most tests run it on a simulated clock that the loss advances instead of sleeping: the
+answers are then exact, and immune to a loaded machine. Two tests sleep for real, to show the same
+code measures wall time correctly, with tolerances that allow for the machine's noise.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from batchscope.errors import ProbeFailedError, UsageError
+from batchscope.probes.throughput import geometric_grid, measure_throughput
+from batchscope.record import to_jsonable
+from batchscope.workload import Workload
+
+# Real sleeps on a shared 2-core machine: the measured rate can only be lower than the true one
+# (sleep never returns early); scheduling delay on a loaded machine lowers it further.
+LOW_TOLERANCE = 0.7
+HIGH_TOLERANCE = 1.03
+
+
+class SimulatedClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait(seconds: float, clock: SimulatedClock | None) -> None:
+    if clock is None:
+        time.sleep(seconds)
+    else:
+        clock.advance(seconds)
+
+
+class TimedLoss:
+    """Mean-squared error that takes `a + b * B` seconds (plus `slow_extra` during its first
+    `slow_calls` calls, like cuDNN autotuning or allocator growth), on `clock` or for real."""
+
+    def __init__(self, a: float, b: float, clock: SimulatedClock | None = None,
+                 slow_calls: int = 0, slow_extra: float = 0.0,
+                 oom_from: int | None = None) -> None:
+        self.a, self.b, self.clock = a, b, clock
+        self.slow_calls, self.slow_extra = slow_calls, slow_extra
+        self.oom_from = oom_from
+        self.calls = 0
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, targets = batch
+        size = inputs.shape[0]
+        if self.oom_from is not None and size >= self.oom_from:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        seconds = self.a + self.b * size
+        if self.calls < self.slow_calls:
+            seconds += self.slow_extra
+        self.calls += 1
+        wait(seconds, self.clock)
+        return nn.functional.mse_loss(model(inputs).float(), targets)
+
+
+def make_batch(batch_size: int, device: torch.device, generator: torch.Generator):
+    return (torch.randn(batch_size, 4, generator=generator).to(device),
+            torch.randn(batch_size, 1, generator=generator).to(device))
+
+
+def timed_workload(loss, **changes) -> Workload:
+    fields = dict(
+        name="timed",
+        build_model=lambda device: nn.Linear(4, 1).to(device),
+        build_optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+        loss=loss,
+        make_batch=make_batch,
+        reference_batch_size=32,
+        reference_lr=0.01,
+    )
+    fields.update(changes)
+    return Workload(**fields)
+
+
+def timed_loader(seconds: float, clock: SimulatedClock | None = None):
+    """A data loader whose every batch takes `seconds` to produce (a finite epoch of 4 batches,
+    so the probe must restart it)."""
+
+    def data_loader(batch_size: int, device: torch.device):
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            wait(seconds, clock)
+            yield make_batch(batch_size, device, generator)
+
+    return data_loader
+
+
+def simulated(a: float, b: float, **loss_options):
+    """A simulated clock and a workload whose loss advances it by `a + b * B` per step."""
+    clock = SimulatedClock()
+    return clock, timed_workload(TimedLoss(a, b, clock, **loss_options))
+
+
+# -- throughput per batch size -----------------------------------------------------------------
+
+
+def test_samples_per_s_is_the_known_rate_exactly_on_a_simulated_clock():
+    a, b = 0.01, 0.0001
+    clock, workload = simulated(a, b)
+    result = measure_throughput(workload, batch_sizes=[8, 64, 256], device="cpu", warmup_steps=1,
+                                timed_steps=5, data_path=False, clock=clock)
+    assert [point.batch_size for point in result.points] == [8, 64, 256]
+    for point in result.points:
+        assert point.samples_per_s == pytest.approx(point.batch_size / (a + b * point.batch_size))
+        assert point.step_s * point.samples_per_s == pytest.approx(point.batch_size)
+        # Batches are pre-built on the device: fetching one takes no time at all.
+        assert point.data_s == 0.0
+        assert point.compute_s == pytest.approx(a + b * point.batch_size)
+        assert point.spread == pytest.approx(0.0, abs=1e-9)
+        assert point.timed_steps == 5 and point.warmup_steps == 1
+
+
+def test_samples_per_s_matches_real_sleeps_within_tolerance():
+    a, b = 0.03, 0.0001
+    result = measure_throughput(timed_workload(TimedLoss(a, b)), batch_sizes=[8, 256],
+                                device="cpu", warmup_steps=1, timed_steps=3, data_path=False)
+    for point in result.points:
+        expected = point.batch_size / (a + b * point.batch_size)
+        assert LOW_TOLERANCE * expected <= point.samples_per_s <= HIGH_TOLERANCE * expected
+        assert point.step_s * point.samples_per_s == pytest.approx(point.batch_size)
+        assert point.data_s < 0.001 < point.compute_s
+
+
+def test_knee_and_best_are_the_known_answer():
+    # X(B) = B / (0.01 + 1e-4 B): 128 -> 5614, 256 -> 7191, 512 -> 8366 samples/s; with
+    # fraction 0.8 the bar is 6693, which 256 clears and 128 does not.
+    clock, workload = simulated(0.01, 0.0001)
+    result = measure_throughput(workload, device="cpu", max_batch_size=512, warmup_steps=1,
+                                timed_steps=3, fraction=0.8, early_stop=False, data_path=False,
+                                clock=clock)
+    assert [point.batch_size for point in result.points] == [8, 16, 32, 64, 128, 256, 512]
+    assert result.knee_batch_size == 256
+    assert result.best_batch_size == 512
+    assert not result.stopped_early
+    # The fitted model passes through the measured points and interpolates between them; the
+    # true step time is affine here, so interpolation is exact: B/(0.01 + 1e-4 B) >= 6693 first
+    # holds at B = 202.4, and the smallest multiple of 8 above that is 208.
+    for point in result.points:
+        assert result.samples_per_s_at(point.batch_size) == pytest.approx(point.samples_per_s)
+    assert result.samples_per_s_at(192) == pytest.approx(192 / (0.01 + 0.0001 * 192))
+    assert result.interpolated_knee_batch_size == 208
+
+
+def test_early_stop_triggers_on_a_flat_curve():
+    # Step time proportional to the batch: samples/s is the same at every size, so after the
+    # third size two sizes in a row have gained nothing.
+    clock, workload = simulated(0.0, 0.0003)
+    result = measure_throughput(workload, device="cpu", max_batch_size=1024, warmup_steps=1,
+                                timed_steps=3, data_path=False, clock=clock)
+    assert [point.batch_size for point in result.points] == [8, 16, 32]
+    assert result.stopped_early
+    assert result.stop_reason.startswith("flattened")
+    assert result.to_dict()["stopped_early"] is True
+
+
+def test_early_stop_does_not_trigger_on_a_linear_curve():
+    # Constant step time: samples/s doubles with every doubling of the batch.
+    clock, workload = simulated(0.005, 0.0)
+    result = measure_throughput(workload, device="cpu", max_batch_size=1024, warmup_steps=1,
+                                timed_steps=3, data_path=False, clock=clock)
+    assert [point.batch_size for point in result.points] == [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert not result.stopped_early and result.stop_reason is None
+    assert result.knee_batch_size == 1024 == result.best_batch_size
+
+
+def test_a_curve_that_keeps_gaining_a_little_is_not_cut_short():
+    # Gains of 6% per doubling: above the 5% bar of fraction 0.95, so the search goes on.
+    clock, workload = simulated(0.0, 0.0)
+    steps = {8: 0.08 / 1.0, 16: 0.16 / 1.06, 32: 0.32 / 1.06**2, 64: 0.64 / 1.06**3}
+    workload = timed_workload(
+        lambda model, batch: (clock.advance(steps[batch[0].shape[0]]),
+                              model(batch[0]).sum())[1])
+    result = measure_throughput(workload, device="cpu", max_batch_size=64, warmup_steps=0,
+                                timed_steps=1, data_path=False, clock=clock)
+    assert [point.batch_size for point in result.points] == [8, 16, 32, 64]
+    assert not result.stopped_early
+
+
+@pytest.mark.parametrize("warmup_steps", [4, 0])
+def test_warmup_steps_are_excluded_from_the_median(warmup_steps):
+    steady, slow_extra = 0.005, 0.15
+    clock, workload = simulated(steady, 0.0, slow_calls=4, slow_extra=slow_extra)
+    result = measure_throughput(workload, device="cpu", batch_sizes=[16],
+                                warmup_steps=warmup_steps, timed_steps=3, data_path=False,
+                                clock=clock)
+    (point,) = result.points
+    if warmup_steps == 4:
+        assert point.step_s == pytest.approx(steady)
+        assert point.warmup_steps == 4
+    else:  # the check above can fail: without warm-up the slow steps are what gets timed
+        assert point.step_s == pytest.approx(steady + slow_extra)
+
+
+def test_time_cap_per_point_cuts_warmup_and_timed_steps():
+    # 40 ms steps, 0.1 s cap: warm-up stops once over the cap (after 3 steps, at 0.12 s) and
+    # the timed loop after its minimum of 3 steps.
+    clock, workload = simulated(0.04, 0.0)
+    result = measure_throughput(workload, device="cpu", batch_sizes=[8], warmup_steps=5,
+                                timed_steps=10, max_seconds_per_point=0.1, data_path=False,
+                                clock=clock)
+    (point,) = result.points
+    assert (point.warmup_steps, point.timed_steps) == (3, 3)
+    assert point.step_s == pytest.approx(0.04)
+
+
+# -- input pipeline ----------------------------------------------------------------------------
+
+
+def test_a_slow_data_loader_is_flagged_with_its_numbers():
+    compute, loading = 0.01, 0.03
+    clock = SimulatedClock()
+    workload = timed_workload(TimedLoss(compute, 0.0, clock),
+                              data_loader=timed_loader(loading, clock))
+    result = measure_throughput(workload, device="cpu", batch_sizes=[32], warmup_steps=1,
+                                timed_steps=5, clock=clock)
+    pipeline = result.to_dict()["input_pipeline"]
+    assert pipeline["measured"] is True
+    assert pipeline["batch_size"] == 32
+    assert pipeline["bottleneck"] is True
+    assert pipeline["compute_samples_per_s"] == pytest.approx(32 / compute)
+    assert pipeline["pipeline_samples_per_s"] == pytest.approx(32 / (compute + loading))
+    assert pipeline["data_s"] == pytest.approx(loading)
+    assert pipeline["data_wait_fraction"] == pytest.approx(loading / (compute + loading))
+    assert "caps throughput" in pipeline["note"] and "batch size 32" in pipeline["note"]
+    assert "800.0 samples/s against 3200.0" in pipeline["note"]
+
+
+def test_a_slow_data_loader_is_flagged_with_real_sleeps():
+    compute, loading = 0.02, 0.06
+    workload = timed_workload(TimedLoss(compute, 0.0), data_loader=timed_loader(loading))
+    result = measure_throughput(workload, device="cpu", batch_sizes=[32], warmup_steps=1,
+                                timed_steps=3)
+    (check,) = result.input_pipeline.checks
+    assert check.bottleneck
+    expected = 32 / (compute + loading)
+    assert LOW_TOLERANCE * expected <= check.pipeline_samples_per_s <= HIGH_TOLERANCE * expected
+    assert check.data_s == pytest.approx(loading, rel=0.3)
+    assert check.data_wait_fraction == pytest.approx(loading / (compute + loading), abs=0.1)
+
+
+@pytest.mark.parametrize(("loading", "bottleneck"), [(0.0, False), (0.001, False),
+                                                     (0.0012, True)])
+def test_bottleneck_threshold_is_ninety_percent_of_compute(loading, bottleneck):
+    # 10 ms of compute: 1 ms of loading leaves 91% of the throughput, 1.2 ms leaves 89%.
+    clock = SimulatedClock()
+    workload = timed_workload(TimedLoss(0.01, 0.0, clock), data_loader=timed_loader(loading, clock))
+    result = measure_throughput(workload, device="cpu", batch_sizes=[8, 16], warmup_steps=1,
+                                timed_steps=3, clock=clock)
+    pipeline = result.input_pipeline
+    # Constant step time: the knee (16 at fraction 0.95) is also the best; checked once.
+    assert [check.batch_size for check in pipeline.checks] == [16]
+    assert pipeline.bottleneck is bottleneck
+    assert pipeline.note.startswith("the input pipeline caps" if bottleneck
+                                    else "the input pipeline keeps up")
+
+
+def test_a_data_loader_that_yields_nothing_is_a_usage_error():
+    clock = SimulatedClock()
+    workload = timed_workload(TimedLoss(0.001, 0.0, clock), data_loader=lambda b, device: iter(()))
+    with pytest.raises(UsageError, match="data_loader yielded no batches"):
+        measure_throughput(workload, device="cpu", batch_sizes=[8], warmup_steps=1,
+                           timed_steps=3, clock=clock)
+
+
+def test_no_data_loader_is_reported_as_not_measured():
+    clock, workload = simulated(0.001, 0.0)
+    result = measure_throughput(workload, device="cpu", batch_sizes=[8], warmup_steps=1,
+                                timed_steps=3, clock=clock)
+    pipeline = result.to_dict()["input_pipeline"]
+    assert pipeline["measured"] is False and pipeline["bottleneck"] is None
+    assert "no data_loader" in pipeline["note"]
+
+
+# -- out of memory, errors ---------------------------------------------------------------------
+
+
+def test_out_of_memory_stops_growing_and_keeps_the_measured_points():
+    clock, workload = simulated(0.001, 0.0, oom_from=64)
+    result = measure_throughput(workload, device="cpu", max_batch_size=256, warmup_steps=1,
+                                timed_steps=3, data_path=False, clock=clock)
+    assert [point.batch_size for point in result.points] == [8, 16, 32]
+    assert result.curve.oom_batch_size == 64
+    assert result.stopped_early
+    assert "out of memory at batch size 64" in result.stop_reason
+    assert "CUDA out of memory" in result.stop_reason
+    assert result.to_dict()["oom_batch_size"] == 64
+
+
+def test_out_of_memory_at_the_smallest_size_fails_the_probe():
+    clock, workload = simulated(0.001, 0.0, oom_from=1)
+    with pytest.raises(ProbeFailedError, match="smallest, 8, ran out of memory"):
+        measure_throughput(workload, device="cpu", max_batch_size=32, warmup_steps=1,
+                           timed_steps=3, data_path=False, clock=clock)
+
+
+def test_errors_that_are_not_out_of_memory_propagate_unchanged():
+    error = KeyError("label")
+
+    def broken_loss(model, batch):
+        raise error
+
+    with pytest.raises(KeyError) as excinfo:
+        measure_throughput(timed_workload(broken_loss), device="cpu", batch_sizes=[8],
+                           warmup_steps=1, timed_steps=3)
+    assert excinfo.value is error
+
+
+# -- variants, units ---------------------------------------------------------------------------
+
+
+def test_a_variant_reports_what_it_buys():
+    # A variant is the workload with some fields replaced; here its loss takes half as long, so
+    # it is twice as fast. (bf16 autocast itself is no test subject on a CPU without native
+    # bf16, where it is slower; the GPU benchmark measures it.)
+    clock, workload = simulated(0.008, 0.0)
+    result = measure_throughput(workload, device="cpu", batch_sizes=[8, 16], warmup_steps=1,
+                                timed_steps=3, data_path=False, clock=clock,
+                                variants={"half-time": {"loss": TimedLoss(0.004, 0.0, clock),
+                                                        "autocast_dtype": None}})
+    (variant,) = result.variants
+    assert variant.name == "half-time"
+    assert variant.speedup == pytest.approx(2.0)
+    data = variant.to_dict()
+    assert data["settings"]["autocast_dtype"] is None
+    assert [point["batch_size"] for point in data["points"]] == [8, 16]
+    assert data["speedup_vs_base"] == pytest.approx(2.0)
+    assert data["best_batch_size"] == 16
+
+
+def test_default_variant_is_bf16_with_channels_last():
+    clock, workload = simulated(0.001, 0.0)
+    result = measure_throughput(workload, device="cpu", batch_sizes=[8], warmup_steps=0,
+                                timed_steps=1, variants=True, clock=clock)
+    (variant,) = result.to_dict()["variants"]
+    assert variant["name"] == "bf16+channels_last"
+    assert variant["settings"] == {"autocast_dtype": "bfloat16", "channels_last": True}
+
+
+def test_a_variant_that_does_not_fit_leaves_the_main_curve_and_says_why():
+    clock, workload = simulated(0.001, 0.0)
+    result = measure_throughput(workload, device="cpu", batch_sizes=[8, 16], warmup_steps=1,
+                                timed_steps=3, data_path=False, clock=clock,
+                                variants={"huge": {"loss": TimedLoss(0.001, 0.0, clock,
+                                                                     oom_from=1)}})
+    assert [point.batch_size for point in result.points] == [8, 16]
+    assert result.variants == ()
+    assert any(note.startswith("variant huge not measured") for note in result.notes)
+
+
+def test_a_variant_naming_no_workload_field_is_a_usage_error():
+    clock, workload = simulated(0.001, 0.0)
+    with pytest.raises(UsageError, match=r"variant 'fast' sets \['turbo'\]"):
+        measure_throughput(workload, device="cpu", batch_sizes=[8], clock=clock,
+                           variants={"fast": {"turbo": True}})
+
+
+def test_token_workloads_report_tokens_per_second():
+    def make_sequences(batch_size, device, generator):
+        return (torch.randn(batch_size, 16, 4, generator=generator),
+                torch.randn(batch_size, 16, 1, generator=generator))
+
+    clock = SimulatedClock()
+    workload = timed_workload(TimedLoss(0.002, 0.0, clock), make_batch=make_sequences,
+                              unit="tokens", count=lambda batch: batch[0].shape[0] * batch[0].shape[1])
+    result = measure_throughput(workload, device="cpu", batch_sizes=[8], warmup_steps=1,
+                                timed_steps=3, clock=clock)
+    (point,) = result.to_dict()["points"]
+    assert point["tokens_per_step"] == 8 * 16
+    assert point["tokens_per_s"] == pytest.approx(8 * 16 / 0.002)
+    assert point["samples_per_s"] == pytest.approx(8 / 0.002)
+
+
+# -- guarantees, result shape, arguments -------------------------------------------------------
+
+
+def test_user_model_optimizer_and_rng_are_untouched():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 1))
+    model.eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    optimizer.step()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    strides = [p.stride() for p in model.parameters()]
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+
+    def images(batch_size, device, generator):
+        return (torch.randn(batch_size, 3, 6, 6, generator=generator),
+                torch.randn(batch_size, 1, generator=generator))
+
+    workload = Workload.from_objects(
+        model, optimizer, lambda m, batch: nn.functional.mse_loss(m(batch[0]), batch[1]), images,
+        reference_batch_size=8)
+    # The channels_last variant converts the very model `from_objects` hands back, in place.
+    measure_throughput(workload, device="cpu", batch_sizes=[4, 8], warmup_steps=1, timed_steps=3,
+                       variants={"channels_last": {"channels_last": True}})
+
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for param, buffer in zip(model.parameters(), momentum):
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], buffer)
+    assert [p.stride() for p in model.parameters()] == strides  # channels_last undone
+    assert torch.equal(torch.get_rng_state(), rng[0])
+    assert random.getstate() == rng[1]
+    assert np.array_equal(np.random.get_state()[1], rng[2])
+
+
+def test_result_is_json_with_the_documented_keys():
+    clock, workload = simulated(0.001, 0.0)
+    result = measure_throughput(workload, device="cpu", max_batch_size=16, warmup_steps=1,
+                                timed_steps=3, clock=clock)
+    data = json.loads(json.dumps(to_jsonable(result.to_dict()), allow_nan=False))
+    for key in ("points", "knee_batch_size", "best_batch_size", "seconds", "model", "fraction",
+                "input_pipeline", "variants", "stopped_early", "stop_reason", "device"):
+        assert key in data
+    assert data["device"] == "cpu" and data["fraction"] == 0.95
+    assert set(data["points"][0]) >= {"batch_size", "samples_per_s", "step_s", "spread",
+                                      "data_s", "compute_s"}
+    assert "tokens_per_s" not in data["points"][0]  # an examples workload
+    assert data["grid"] == [8, 16] and data["max_batch_size_source"] == "max_batch_size"
+
+
+def test_cpu_default_cap_and_dataset_size_are_stated():
+    clock, workload = simulated(0.0005, 0.0)
+    result = measure_throughput(workload, device="cpu", warmup_steps=0, timed_steps=1,
+                                data_path=False, early_stop=False, clock=clock)
+    assert result.grid == (8, 16, 32, 64, 128, 256)
+    assert result.max_batch_size_source == "CPU default"
+    assert any("256" in note and "max_batch_size" in note for note in result.notes)
+
+    small = measure_throughput(workload.with_settings(dataset_size=100), device="cpu",
+                               warmup_steps=0, timed_steps=1, data_path=False, early_stop=False,
+                               clock=clock)
+    assert small.grid == (8, 16, 32, 64, 100)
+    assert small.max_batch_size_source == "dataset size"
+
+
+def test_on_an_accelerator_the_grid_goes_up_to_the_memory_probes_recommendation(monkeypatch):
+    from batchscope.probes import memory, throughput
+
+    calls = []
+
+    class Found:
+        recommended_batch_size = 100
+
+    def fake_probe_memory(workload, *, device, **options):
+        calls.append((workload.name, device, options))
+        return Found()
+
+    monkeypatch.setattr(memory, "probe_memory", fake_probe_memory)
+    notes: list[str] = []
+    accelerator = torch.device("meta")  # any non-CPU device takes the accelerator path
+    plan = throughput._plan_grid(timed_workload(TimedLoss(0, 0)), accelerator, None, None, notes)
+    assert plan == ([8, 16, 32, 64, 100], 100, "memory probe")
+    assert calls == [("timed", accelerator, {})]
+    assert notes == []
+
+
+@pytest.mark.parametrize(("cap", "grid"), [
+    (256, [8, 16, 32, 64, 128, 256]),
+    (320, [8, 16, 32, 64, 128, 256, 320]),
+    (260, [8, 16, 32, 64, 128, 256]),
+    (8, [8]),
+    (5, [5]),
+])
+def test_geometric_grid(cap, grid):
+    assert geometric_grid(cap) == grid
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"fraction": 1.5}, "fraction=1.5"),
+    ({"batch_sizes": [8, 0]}, "batch size=0"),
+    ({"batch_sizes": []}, "batch_sizes=[]"),
+    ({"max_batch_size": -4}, "max_batch_size=-4"),
+    ({"batch_sizes": [64], "max_batch_size": 32}, "max_batch_size=32"),
+    ({"warmup_steps": -1}, "warmup_steps=-1"),
+    ({"timed_steps": 0}, "timed_steps=0"),
+    ({"variants": "bf16"}, "variants='bf16'"),
+    ({"max_seconds_per_point": 0}, "max_seconds_per_point=0"),
+])
+def test_bad_arguments_are_one_line_usage_errors(kwargs, fragment):
+    with pytest.raises(UsageError) as excinfo:
+        measure_throughput(timed_workload(TimedLoss(0, 0)), device="cpu", **kwargs)
+    assert fragment in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)

@@ -1,0 +1,34 @@
+"""The HTML report is self-contained and escapes everything that came from a run."""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from batchscope.report.html import save_figures, write_html_report
+
+
+def _figure():
+    figure = Figure()
+    figure.add_subplot().plot([1, 2, 3], [3, 1, 2])
+    return figure
+
+
+def test_report_inlines_svg_and_escapes_text(tmp_path):
+    hostile = "<script>alert('x')</script>"
+    path = write_html_report(
+        tmp_path / "report.html", title=f"run {hostile}", figures=[(f"plot {hostile}", _figure())],
+        tables=[("table", [{"name": hostile, "value": 1.5}])], notes=[hostile],
+    )
+    text = path.read_text()
+    assert "<script>" not in text
+    assert text.count("&lt;script&gt;") >= 4
+    assert "<svg" in text
+    # No external assets: nothing is fetched when the file is opened offline.
+    for fetching in ("src=\"http", "src='http", "href=\"http", "href='http", "<link", "@import", "<script"):
+        assert fetching not in text
+
+
+def test_save_figures_writes_png_and_svg(tmp_path):
+    written = save_figures(tmp_path, [("Peak memory vs batch size", _figure())])
+    assert sorted(p.name for p in written) == ["peak-memory-vs-batch-size.png", "peak-memory-vs-batch-size.svg"]
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,43 @@
+"""device.py: resolution errors and real CPU peak-memory measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchscope import device as devices
+from batchscope.errors import UsageError
+
+
+def test_auto_resolves_to_an_available_device():
+    assert devices.resolve_device(None).type in devices.available_devices()
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_unavailable_device_names_what_is_available():
+    with pytest.raises(UsageError, match=r"device 'cuda' is not available on this machine; available: cpu"):
+        devices.resolve_device("cuda")
+
+
+def test_garbage_device_name_is_a_usage_error():
+    with pytest.raises(UsageError, match="'gpu0' is not a device name"):
+        devices.resolve_device("gpu0")
+
+
+@pytest.mark.skipif(not devices.supports_peak_reset(torch.device("cpu")), reason="needs Linux clear_refs")
+def test_cpu_peak_memory_sees_a_real_allocation_and_resets():
+    cpu = torch.device("cpu")
+    size = 256 * 1024 * 1024
+    devices.release_memory(cpu)
+    devices.reset_peak_memory(cpu)
+    baseline = devices.peak_memory_bytes(cpu)
+    block = torch.ones(size // 4, dtype=torch.float32)  # touch every page so it is resident
+    peak_with_block = devices.peak_memory_bytes(cpu)
+    del block
+    devices.release_memory(cpu)
+    devices.reset_peak_memory(cpu)
+    peak_after_reset = devices.peak_memory_bytes(cpu)
+    assert peak_with_block - baseline >= 0.95 * size
+    # After the block is freed and the window reset, the peak no longer includes it.
+    assert peak_after_reset < peak_with_block - 0.9 * size

@@ -1,0 +1,58 @@
+"""RunRecord: versioned JSON, atomic writes, never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from batchscope.errors import UsageError
+from batchscope.record import SCHEMA_VERSION, RunRecord, environment_info, write_json_atomic
+
+
+def _record():
+    return RunRecord(kind="tune", workload={"name": "w"}, environment=environment_info("cpu"),
+                     sections={"memory": {"max_batch_size": 64, "ratio": float("nan")}})
+
+
+def test_round_trip_keeps_sections_and_version(tmp_path):
+    path = _record().save(tmp_path / "run.json")
+    loaded = RunRecord.load(path)
+    assert loaded.schema_version == SCHEMA_VERSION
+    assert loaded.sections["memory"]["max_batch_size"] == 64
+    assert loaded.sections["memory"]["ratio"] is None  # NaN is not JSON; stored as null
+    data = json.loads(path.read_text())
+    for key in ("torch", "device_name", "total_memory_bytes", "cpu_count"):
+        assert key in data["environment"]
+
+
+def test_a_failed_write_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "run.json"
+    write_json_atomic(path, {"version": 1})
+
+    class Unserialisable:
+        def __str__(self):
+            raise RuntimeError("boom while serialising")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_json_atomic(path, {"bad": Unserialisable()})
+    assert json.loads(path.read_text()) == {"version": 1}
+    assert os.listdir(tmp_path) == ["run.json"]  # no temp file left behind
+
+
+def test_other_versions_and_non_records_are_refused(tmp_path):
+    path = tmp_path / "old.json"
+    data = _record().to_dict()
+    data["schema_version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="schema_version=99 is not supported"):
+        RunRecord.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(UsageError, match="not a batchscope run record"):
+        RunRecord.load(path)
+    path.write_text("{not json")
+    with pytest.raises(UsageError, match="is not valid JSON"):
+        RunRecord.load(path)
+    with pytest.raises(UsageError, match="does not exist"):
+        RunRecord.load(tmp_path / "missing.json")
