@@ -149,6 +149,11 @@ def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batc
 
 def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size: int) -> list[str]:
     caveats: list[str] = []
+    if evidence.has_batchnorm:
+        caveats.append(
+            f"The model has BatchNorm: batches below {BATCHNORM_MIN_PER_DEVICE} per device were "
+            f"not considered (noisy batch statistics), even where they would be faster."
+        )
     if evidence.has_batchnorm and per_device < BATCHNORM_MIN_PER_DEVICE:
         caveats.append(
             f"BatchNorm sees only {per_device} examples per device per step"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -39,6 +41,9 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, helpers: str) 
     from test_noise_problems import linear_model, linear_workload, mlp_workload
 
     torch.set_num_threads(1)
+    # Keep gloo on the loopback interface: the test needs no network, only two local processes.
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {

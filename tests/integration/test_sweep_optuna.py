@@ -90,7 +90,7 @@ CLI = "import typer; from batchscope.cli.sweep_cmd import command; typer.run(com
 def _sweep_process(out: Path) -> subprocess.Popen:
     args = [
         sys.executable, "-c", CLI, "-w", "small-cnn-cifar10", "-o", "train_size=1024",
-        "-o", "test_size=128", "-b", "64,128", "--epochs", "1", "--evals-per-epoch", "4",
+        "-o", "test_size=128", "-b", "32,64", "--epochs", "1", "--evals-per-epoch", "4",
         "--no-pruning", "--out", str(out), "--study", "killed", "--device", "cpu", "--no-report",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -101,7 +101,7 @@ def test_resume_after_kill_9_loses_nothing_and_runs_nothing_twice(tmp_path):
     process = _sweep_process(tmp_path)
     try:
         for line in process.stderr:  # progress lines: kill once the 2nd trial is under way
-            if line.startswith("[b128-linear] epoch 0.25"):
+            if line.startswith("[b64-linear] epoch 0.25"):  # 12 of its 16 steps to go
                 break
         else:
             pytest.fail(f"the sweep ended before its second trial (exit {process.wait()})")
@@ -115,21 +115,21 @@ def test_resume_after_kill_9_loses_nothing_and_runs_nothing_twice(tmp_path):
             process.wait()
     journal = tmp_path / "optuna-journal.log"
     killed = {books.trial_key(t): t.state for t in _journal_trials(journal, "killed")}
-    assert killed == {"b64-linear": TrialState.COMPLETE, "b128-linear": TrialState.RUNNING}
+    assert killed == {"b32-linear": TrialState.COMPLETE, "b64-linear": TrialState.RUNNING}
 
     resumed = _sweep_process(tmp_path)
     log = resumed.stderr.read()
     assert resumed.wait() == 0, log
-    assert "[b64-linear] epoch" not in log  # the finished point was not trained again
+    assert "[b32-linear] epoch" not in log  # the finished point was not trained again
 
     trials = _journal_trials(journal, "killed")
     by_key: dict[str, list] = {}
     for trial in trials:
         by_key.setdefault(books.trial_key(trial), []).append((trial.state, books.outcome_of(trial)))
     assert by_key == {
-        "b64-linear": [(TrialState.COMPLETE, "complete")],
-        "b128-linear": [(TrialState.FAIL, "stale"), (TrialState.COMPLETE, "complete")],
+        "b32-linear": [(TrialState.COMPLETE, "complete")],
+        "b64-linear": [(TrialState.FAIL, "stale"), (TrialState.COMPLETE, "complete")],
     }
     section = json.loads((tmp_path / "run.json").read_text())["sections"]["sweep"]
-    assert sorted(t["key"] for t in section["trials"]) == ["b128-linear", "b64-linear"]
+    assert sorted(t["key"] for t in section["trials"]) == ["b32-linear", "b64-linear"]
     assert all(len(t["curve"]) == 4 for t in section["trials"])

@@ -12,8 +12,8 @@ import click
 import typer
 
 from batchscope import __version__
-from batchscope.cli import (common, probe_noise, probe_throughput, report_cmd, tune_cmd,
-                            workloads_cmd)
+from batchscope.cli import (common, probe_memory, probe_noise, probe_throughput, report_cmd,
+                            sweep_cmd, tune_cmd, workloads_cmd)
 from batchscope.errors import UsageError
 
 # Typer >= 0.16 vendors its own copy of click; catch both its and click's classes.
@@ -54,6 +54,8 @@ def _root(
 app.command("workloads")(workloads_cmd.command)
 app.command("tune")(tune_cmd.command)
 app.command("report")(report_cmd.command)
+app.command("sweep")(sweep_cmd.command)
+probe_app.command("memory")(probe_memory.command)
 probe_app.command("throughput")(probe_throughput.command)
 probe_app.command("noise")(probe_noise.command)
 

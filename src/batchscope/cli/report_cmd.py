@@ -24,9 +24,12 @@ def command(
 
         path = write_tune_report(record, out_dir, html_path=html)
     elif record.kind == "sweep":
-        from batchscope.sweep.report import write_sweep_report
+        from batchscope.sweep.output import render_outputs
+        from batchscope.sweep.results import SweepResult
 
-        path = write_sweep_report(record, out_dir, html_path=html)
+        result = SweepResult.from_dict(record.sections["sweep"])
+        path = render_outputs(result, out_dir, title=f"batchscope sweep — {record.workload.get('name', '')}",
+                              html_path=html)
     else:
         raise UsageError(f"run record kind {record.kind!r} has no report; reports exist for tune and sweep runs")
     console.print(f"report: {path}")

@@ -11,7 +11,7 @@ from rich.table import Table
 from batchscope.cli.common import (DEVICE_HELP, JSON_HELP, OPTION_HELP, WORKLOAD_HELP, console,
                                    err_console, parse_options, print_json)
 from batchscope.report.tune_report import summary_rows
-from batchscope.tune import tune
+from batchscope.tuning import tune
 
 
 def command(

@@ -138,6 +138,7 @@ def probe_memory(
     isolate: bool = False,
     workload_options: Mapping[str, Any] | None = None,
     max_probes: int = DEFAULT_MAX_PROBES,
+    time_budget_s: float | None = None,
     meter: MemoryMeter | None = None,
 ) -> MemoryProbeResult:
     """Find the largest batch whose training steps fit in memory.
@@ -159,6 +160,8 @@ def probe_memory(
             fails that probe; needs `workload` as a name or entry point.
         workload_options: options for a built-in workload given by name.
         max_probes: safety net for pathological memory curves (reaching it is reported).
+        time_budget_s: stop refining once this many seconds have gone and answer with the
+            largest verified fit so far (reported as stop_reason "time budget").
         meter: how peak memory is read (testing hook); default: the device's counters.
 
     Raises:
@@ -175,6 +178,11 @@ def probe_memory(
     if isolate and meter is not None:
         raise UsageError("isolate=True measures memory in the child processes; drop meter=")
     options = dict(workload_options or {})
+    if options and isinstance(workload, Workload):
+        raise UsageError(
+            f"workload_options {sorted(options)} apply to a workload given by name; set them "
+            f"on the Workload object instead"
+        )
     resolved = resolve_workload(workload, **options)
     where = devices.resolve_device(device)
     budget = _resolve_budget(memory_budget, where, default_meter=meter is None)
@@ -193,6 +201,8 @@ def probe_memory(
                 probe = runner.probe(batch_size)
                 probes.append(probe)
                 search.record(batch_size, probe.fits, probe.peak_bytes)
+                if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+                    search.stop_for_time()
                 logger.info("memory probe: batch %d %s (peak %s, %.2fs)", batch_size,
                             probe.reason, "-" if probe.peak_bytes is None
                             else format_bytes(probe.peak_bytes), probe.seconds)
@@ -363,6 +373,10 @@ def _note(
     elif capped_by is not None:
         parts.append(f"The search stopped at the {capped_by} ({largest}); larger batches may "
                      f"fit but were not tried.")
+    elif search.stop_reason == "time budget":
+        above = f"below {failure}" if failure is not None else "higher (no failure seen yet)"
+        parts.append(f"The time budget ran out before the tolerance was reached: the true limit "
+                     f"may be {above}.")
     elif search.stop_reason == "probe limit":
         above = (f"between {largest} and {failure}" if failure is not None
                  else f"above {largest} (no failure seen)")

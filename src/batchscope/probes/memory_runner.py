@@ -49,13 +49,14 @@ class DeviceMemoryMeter:
     """
 
     def __init__(self, device: torch.device, *, relative: bool) -> None:
-        self.device = device
+        self.device, self.relative = device, relative
         self.baseline_bytes = devices.current_memory_bytes(device) if relative else 0
 
     def exclude_growth_since(self, reading_bytes: int) -> None:
         """Memory allocated since `reading_bytes` (a `current_memory_bytes` reading) is not
-        the workload's (e.g. batchscope's own snapshot of the model): move the baseline up."""
-        if self.baseline_bytes:
+        the workload's (e.g. batchscope's own snapshot of the model): move the baseline up.
+        Only a relative meter has a baseline to move."""
+        if self.relative:
             grown = devices.current_memory_bytes(self.device) - reading_bytes
             self.baseline_bytes += max(0, grown)
 
@@ -116,6 +117,9 @@ class InProcessRunner:
         warm_batch_size: int = 1,
     ) -> None:
         self.workload, self.device, self.plan = workload, device, plan
+        # Garbage collected later would otherwise sit in the baseline, and the peaks measured
+        # against it would come out too small (even zero).
+        devices.release_memory(device)
         default_meter = DeviceMemoryMeter(device, relative=device.type == "cpu")
         self.meter: MemoryMeter = meter if meter is not None else default_meter
         self.model = self._build_model()

@@ -7,14 +7,17 @@ a small one (Lightning), the search measures the curve and jumps to where it cro
 
 1. **Calibrate.** Probe `start` (8 by default). If it fits with peak `p`, then under the affine
    model with `fixed >= 0` every sample costs at most `p / start`, so `floor(budget * start / p)`
-   fits too: that guaranteed-safe size is the second probe. It lies far from the first, which
-   makes the slope well conditioned. (If `start` fails, halve until something fits.)
+   fits too: that guaranteed-safe size (or `2 * start`, if larger) is the second probe. It lies
+   far from the first, which makes the slope well conditioned. (If `start` fails, halve until
+   something fits.)
 2. **Predict and verify.** Fit the line to every measured point (refit after each probe) and
    probe just under the predicted limit, `floor(limit * (1 - aim))`, so the verification usually
    fits. Then probe at the tolerance edge above it: if that fails the search is done.
-3. **Refine.** Once a fit `lo` and a failure `hi` bracket the limit, probe the model's prediction
-   inside the bracket (regula falsi), or right next to `lo` / `hi` when the prediction sits at an
-   end, until `hi - lo <= max(1, tolerance * lo)`.
+3. **Refine.** Once a fit `lo` and a failure `hi` bracket the limit, probe the prediction inside
+   the bracket (the secant through both ends when both peaks were measured: regula falsi),
+   clamped to stay out of the tolerance zones at either end, until
+   `hi - lo <= max(1, tolerance * lo)`. When `hi` failed although the model said it fits (an
+   OOM before the budget is reached), one probe bets on "just below `hi`".
 
 It must converge when the curve is not affine (a workspace switch at some B, allocator
 rounding, noise, an OOM well below the budget). Two safeguards make sure it does:
@@ -38,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
-StopReason = Literal["converged", "capped", "no fit", "probe limit"]
+StopReason = Literal["converged", "capped", "no fit", "probe limit", "time budget"]
 
 DEFAULT_TOLERANCE = 0.02
 """Stop when the gap between the largest fit and the smallest failure is at most 2% of the fit
@@ -272,6 +275,11 @@ class LimitSearch:
             if o.batch_size == batch_size and o.peak_bytes is not None:
                 return o.peak_bytes
         return None
+
+    def stop_for_time(self) -> None:
+        """The caller's time budget ran out: end with the largest verified fit so far."""
+        if self.stop_reason is None and self.largest_fit > 0:
+            self.stop_reason = "time budget"
 
     def _stop(self, reason: StopReason) -> None:
         self.stop_reason = reason

@@ -170,8 +170,9 @@ def estimate_noise_scale(
     with StateGuard(*protected, rng=True) as guard:
         torch.manual_seed(seed)
         if model is None:
-            model = steps_module.build_model(workload, device)
-            guard.protect(model)  # a `from_objects` workload hands back the user's own model
+            # protected before build_model changes it: a `from_objects` workload hands back
+            # the user's own model
+            model = steps_module.build_model(workload, device, guard)
         model.train()
         generator = torch.Generator(device="cpu").manual_seed(seed)
         scaler = _grad_scaler(workload, device)

@@ -92,6 +92,7 @@ def measure_throughput(
     data_path: bool = True,
     variants: bool | Mapping[str, Mapping[str, Any]] = False,
     max_seconds_per_point: float | None = DEFAULT_MAX_SECONDS_PER_POINT,
+    time_budget_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> ThroughputResult:
     """Measure training throughput over batch sizes; see the module docstring for the method.
@@ -100,8 +101,10 @@ def measure_throughput(
 
     `variants=True` adds the bf16-autocast + channels_last curve; a mapping `{name: settings}`
     adds one curve per entry (settings are `Workload` fields, e.g. `{"autocast_dtype":
-    torch.bfloat16}`). `data_path=False` skips the input-pipeline check. `clock` is the seconds
-    source for every measurement (tests pass a simulated one to get exact answers).
+    torch.bfloat16}`). `data_path=False` skips the input-pipeline check. `time_budget_s` stops
+    growing the batch once that many seconds have gone (the result says so; the point in
+    progress finishes). `clock` is the seconds source for every measurement (tests pass a
+    simulated one to get exact answers).
     """
     started = clock()
     _check_arguments(warmup_steps, timed_steps, fraction, max_seconds_per_point)
@@ -115,7 +118,8 @@ def measure_throughput(
 
     with StateGuard(rng=True) as guard:
         trainer = _Trainer(workload, device, guard)
-        curve = _sweep(trainer, grid, fraction, early_stop, timing)
+        deadline = None if time_budget_s is None else started + time_budget_s
+        curve = _sweep(trainer, grid, fraction, early_stop, timing, deadline, clock)
         if data_path and workload.data_loader is not None:
             pipeline = check_input_pipeline(
                 trainer.step, trainer.device_batches, workload.data_loader, device,
@@ -205,7 +209,8 @@ class _Trainer:
 
 
 def _sweep(trainer: _Trainer, grid: Sequence[int], fraction: float, early_stop: bool,
-           timing: dict[str, Any]) -> Curve:
+           timing: dict[str, Any], deadline: float | None = None,
+           clock: Callable[[], float] = time.perf_counter) -> Curve:
     points: list[ThroughputPoint] = []
     stop_reason = None
     oom_batch_size = None
@@ -233,6 +238,10 @@ def _sweep(trainer: _Trainer, grid: Sequence[int], fraction: float, early_stop: 
             stop_reason = (
                 f"flattened: each of the last {EARLY_STOP_PATIENCE} batch sizes gained less "
                 f"than {1 - fraction:.0%} samples/s over the best before it")
+            break
+        if deadline is not None and batch_size != grid[-1] and clock() > deadline:
+            stop_reason = f"time budget reached after batch size {batch_size}"
+            logger.info("throughput: %s", stop_reason)
             break
     return Curve(tuple(points), fraction, stop_reason, oom_batch_size)
 

@@ -47,7 +47,8 @@ def write_outputs(
     return paths
 
 
-def render_outputs(result: SweepResult, out_dir: Path, *, title: str) -> None:
+def render_outputs(result: SweepResult, out_dir: Path, *, title: str,
+                   html_path: Path | None = None) -> Path:
     """Figures (PNG + SVG) and the self-contained HTML report."""
     # matplotlib costs a second to import: only pay for it when drawing.
     from batchscope.report.html import save_figures, write_html_report
@@ -55,8 +56,8 @@ def render_outputs(result: SweepResult, out_dir: Path, *, title: str) -> None:
 
     figures = sweep_figures(result)
     save_figures(out_dir / FIGURES_DIR, figures)
-    write_html_report(
-        out_dir / HTML_NAME,
+    path = write_html_report(
+        html_path or out_dir / HTML_NAME,
         title,
         figures,
         tables=[("Trials", result.table()), ("Pareto front", _front_rows(result))],
@@ -65,6 +66,7 @@ def render_outputs(result: SweepResult, out_dir: Path, *, title: str) -> None:
     )
     for _, figure in figures:
         figure.clear()
+    return path
 
 
 def report_notes(result: SweepResult) -> list[str]:

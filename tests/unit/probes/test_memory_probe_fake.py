@@ -214,7 +214,8 @@ def test_a_run_with_missing_steps_is_a_failure() -> None:
 
 def test_not_even_batch_one_fits() -> None:
     fake = FakeDevice(affine(2047.9, 1.0))
-    with pytest.raises(ProbeFailedError, match="not even batch size 1 fits in the budget of 2.00 GiB"):
+    expected = "not even batch size 1 fits in the budget of 2.00 GiB"
+    with pytest.raises(ProbeFailedError, match=expected):
         probe(fake)
 
 
@@ -332,8 +333,8 @@ def test_result_json() -> None:
 
 @pytest.mark.parametrize(
     ("largest", "margin", "expected"),
-    [(3857, 0.1, 3464), (100, 0.1, 88), (71, 0.1, 63), (72, 0.1, 64), (50, 0.1, 45), (10, 0.5, 5), (1, 0.1, 1),
-     (70, 0.0, 64), (63, 0.0, 63), (2, 0.9, 1)],
+    [(3857, 0.1, 3464), (100, 0.1, 88), (71, 0.1, 63), (72, 0.1, 64), (50, 0.1, 45),
+     (10, 0.5, 5), (1, 0.1, 1), (70, 0.0, 64), (63, 0.0, 63), (2, 0.9, 1)],
 )
 def test_recommended_batch_size(largest: int, margin: float, expected: int) -> None:
     assert recommended_batch_size(largest, margin) == expected
@@ -380,4 +381,16 @@ def test_tolerance_controls_the_bracket() -> None:
     fake = FakeDevice(affine(100, 0.5), capacity=affine(100, 0.5)(2500, True))
     result = probe(fake, tolerance=0.2)
     assert result.max_batch_size <= 2500 < result.smallest_failure
-    assert result.smallest_failure - result.max_batch_size <= math.floor(0.2 * result.max_batch_size)
+    gap = result.smallest_failure - result.max_batch_size
+    assert gap <= math.floor(0.2 * result.max_batch_size)
+
+
+def test_time_budget_answers_with_the_largest_verified_fit_so_far() -> None:
+    # A zero budget stops after the first probe that fits: the answer is that verified size,
+    # and the result says the search ended on time rather than converging.
+    fake = FakeDevice(affine(100, 0.5))
+    result = probe(fake, time_budget_s=0.0)
+    assert sizes(result) == [8]
+    assert result.max_batch_size == 8
+    assert result.stop_reason == "time budget"
+    assert "time budget ran out" in result.note

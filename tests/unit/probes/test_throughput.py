@@ -184,6 +184,17 @@ def test_early_stop_does_not_trigger_on_a_linear_curve():
     assert result.knee_batch_size == 1024 == result.best_batch_size
 
 
+def test_time_budget_stops_growing_the_batch_and_says_so():
+    # Constant step time 5 ms, 1 warm-up + 3 timed steps: each size costs 20 ms of simulated
+    # time, so a 50 ms budget is spent during the third size, which finishes; then it stops.
+    clock, workload = simulated(0.005, 0.0)
+    result = measure_throughput(workload, device="cpu", max_batch_size=1024, warmup_steps=1,
+                                timed_steps=3, data_path=False, clock=clock, time_budget_s=0.05)
+    assert [point.batch_size for point in result.points] == [8, 16, 32]
+    assert result.stopped_early
+    assert result.stop_reason == "time budget reached after batch size 32"
+
+
 def test_a_curve_that_keeps_gaining_a_little_is_not_cut_short():
     # Gains of 6% per doubling: above the 5% bar of fraction 0.95, so the search goes on.
     clock, workload = simulated(0.0, 0.0)

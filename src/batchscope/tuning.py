@@ -29,7 +29,7 @@ from batchscope.probes.memory import MemoryProbeResult, parse_size, probe_memory
 from batchscope.probes.noise import NoiseScaleResult, estimate_noise_scale
 from batchscope.probes.throughput import ThroughputResult, measure_throughput
 from batchscope.record import RunRecord, environment_info
-from batchscope.recommend import Evidence, Recommendation, recommend
+from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE, Evidence, Recommendation, recommend
 from batchscope.workload import Workload, resolve_workload
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,15 @@ MIN_BUDGET_S = 20.0
 # On CPU there is no device capacity to probe against; a quarter of RAM (at most 2 GiB) keeps
 # a default tune from swapping the machine and its largest probes short.
 CPU_DEFAULT_BUDGET_BYTES = 2 * 1024**3
-# Share of the budget each stage may plan for (memory takes what it needs first).
-NOISE_SHARE = 0.30
-NOISE_TRAIN_SHARE = 0.20
+# Shares of the budget. Memory and throughput stop refining when their share is spent (each
+# finishes the probe in flight); the noise probe plans its sample count from what is left.
+MEMORY_SHARE = 0.30
+THROUGHPUT_SHARE = 0.30
+NOISE_SHARE = 0.60  # of the remainder, after the training steps' share
+NOISE_TRAIN_SHARE = 0.35
 MAX_ACCUMULATION = 16
+# Beyond ~200 samples the interval narrows slowly (1/sqrt(n)) while the cost grows linearly.
+MAX_NOISE_SAMPLES = 200
 # "examples" target: batches whose examples-to-target stay within 10% of the minimum,
 # E/E_min = 1 + B/B_noise <= 1.1.
 EXAMPLES_SLACK = 0.10
@@ -117,12 +122,13 @@ def tune(
         return value
 
     memory: MemoryProbeResult = stage("memory probe", lambda: probe_memory(
-        resolved, device=where, memory_budget=budget_bytes))
+        resolved, device=where, memory_budget=budget_bytes, time_budget_s=MEMORY_SHARE * budget_s))
     record.sections["memory"] = memory.to_dict()
     _save(record, out)
 
     throughput: ThroughputResult = stage("throughput probe", lambda: measure_throughput(
-        resolved, device=where, max_batch_size=memory.recommended_batch_size))
+        resolved, device=where, max_batch_size=memory.recommended_batch_size,
+        time_budget_s=THROUGHPUT_SHARE * budget_s))
     record.sections["throughput"] = throughput.to_dict()
     model = _throughput_model(throughput)
 
@@ -141,7 +147,9 @@ def tune(
 
     has_batchnorm = _has_batchnorm(resolved, where)
     noise_value = _usable_noise(noise)
-    candidates = _candidates(resolved, throughput, memory.recommended_batch_size, target, noise_value)
+    floor = min(BATCHNORM_MIN_PER_DEVICE, memory.recommended_batch_size) if has_batchnorm else 1
+    candidates = _candidates(resolved, throughput, memory.recommended_batch_size, target,
+                             noise_value, floor)
     plan = plan_batch_size(
         candidates, model, noise_value, max_fit_batch_size=memory.recommended_batch_size,
         reference_batch_size=resolved.reference_batch_size, max_accumulation=MAX_ACCUMULATION,
@@ -238,7 +246,8 @@ def _noise_plan(workload: Workload, model: Any, remaining_s: float) -> tuple[int
         return 0, 0
     epoch_steps = (workload.dataset_size or 0) // workload.reference_batch_size
     train_steps = int(min(epoch_steps or 200, (NOISE_TRAIN_SHARE * remaining_s) / step_s))
-    samples = int(min(64, (NOISE_SHARE * remaining_s) / step_s))
+    remaining_after_training = remaining_s - train_steps * step_s
+    samples = int(min(MAX_NOISE_SAMPLES, (NOISE_SHARE * remaining_after_training) / step_s))
     return max(0, train_steps), samples
 
 
@@ -249,8 +258,11 @@ def _usable_noise(noise: NoiseScaleResult | None) -> float | None:
 
 
 def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: int,
-                target: str, noise: float | None) -> list[int]:
-    smallest = min(p.batch_size for p in throughput.points)
+                target: str, noise: float | None, floor: int = 1) -> list[int]:
+    """Global batch sizes the plan may pick: powers of two from the smallest measured size (or
+    `floor`, the BatchNorm minimum) up to what fits times the accumulation limit, plus the
+    memory limit and the reference."""
+    smallest = max(floor, min(p.batch_size for p in throughput.points))
     largest = memory_limit * MAX_ACCUMULATION
     if workload.dataset_size:
         largest = min(largest, workload.dataset_size)

@@ -1,0 +1,116 @@
+"""`tune` end to end on CPU: real probes, a recommendation consistent with what was measured,
+the record and report on disk, partial records on failure, and the user's objects untouched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import batchscope
+from batchscope.cli.main import run
+from batchscope.record import RunRecord
+from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE
+
+FIGURE_TITLES = ("Peak memory vs batch size", "Throughput vs batch size", "Gradient noise scale",
+                 "Predicted time to target vs batch size")
+
+
+def _user_objects():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    model[1].eval()  # a mixed train/eval state the guard must give back exactly
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    features = torch.randn(4096, 16)
+    labels = (features[:, :4].argmax(dim=1))
+
+    def make_batch(batch_size, device, generator):
+        index = torch.randint(0, features.shape[0], (batch_size,), generator=generator)
+        return features[index].to(device), labels[index].to(device)
+
+    def loss(model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    return model, optimizer, make_batch, loss
+
+
+def _state(model, optimizer):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [m.training for m in model.modules()], optimizer.state_dict()["param_groups"],
+            torch.get_rng_state())
+
+
+def test_tune_recommends_within_what_it_measured_and_leaves_user_objects_alone(tmp_path):
+    model, optimizer, make_batch, loss = _user_objects()
+    workload = batchscope.Workload.from_objects(
+        model, optimizer, loss, make_batch, reference_batch_size=64, dataset_size=4096)
+    before = _state(model, optimizer)
+
+    result = batchscope.tune(workload, device="cpu", budget_s=25, memory_budget="256MiB",
+                             out_dir=tmp_path)
+
+    after = _state(model, optimizer)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1:3] == after[1:3] and torch.equal(before[3], after[3])
+
+    rec, memory = result.recommendation, result.memory
+    # Never a micro-batch above what was verified to fit minus the margin.
+    assert rec.per_device_batch_size <= memory.recommended_batch_size <= memory.max_batch_size
+    assert rec.per_device_batch_size * rec.grad_accumulation >= rec.batch_size
+    # BatchNorm model: nothing below the BN floor was considered.
+    assert rec.batch_size >= BATCHNORM_MIN_PER_DEVICE
+    # SGD -> linear rule from the user's own LR at the reference batch.
+    assert rec.lr_rule == "linear"
+    assert rec.learning_rate == pytest.approx(0.2 * rec.batch_size / 64)
+    # The chosen batch is the plan's optimum over its own curve.
+    feasible = [p for p in result.plan.curve if p.relative_time is not None]
+    assert min(feasible, key=lambda p: p.relative_time).batch_size == rec.batch_size
+
+    record = RunRecord.load(tmp_path / "run.json")
+    assert set(record.sections) >= {"memory", "throughput", "noise", "goodput", "recommendation"}
+    assert record.sections["recommendation"]["batch_size"] == rec.batch_size
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<figure") == 4
+    for title in FIGURE_TITLES:
+        assert title in html
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+
+
+def test_a_failing_stage_keeps_the_partial_record_and_says_why(tmp_path, monkeypatch):
+    def broken_noise_probe(*args, **kwargs):
+        raise RuntimeError("noise probe exploded")
+
+    monkeypatch.setattr("batchscope.tuning.estimate_noise_scale", broken_noise_probe)
+    model, optimizer, make_batch, loss = _user_objects()
+    workload = batchscope.Workload.from_objects(model, optimizer, loss, make_batch,
+                                                reference_batch_size=64)
+    with pytest.raises(RuntimeError, match="noise probe exploded"):
+        batchscope.tune(workload, device="cpu", budget_s=25, memory_budget="256MiB", out_dir=tmp_path)
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert "memory" in record["sections"] and "throughput" in record["sections"]
+    assert "recommendation" not in record["sections"]
+    assert record["errors"] == ["noise probe: RuntimeError: noise probe exploded"]
+
+
+@pytest.mark.slow
+def test_cli_tune_on_the_small_builtin_writes_json_and_report_and_report_rerenders(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as excinfo:
+        run(["tune", "-w", "small-cnn-cifar10", "-o", "train_size=1024", "-o", "test_size=256",
+             "--device", "cpu", "--budget", "20", "--memory-budget", "512MiB", "--out", str(out),
+             "--json"])
+    assert excinfo.value.code == 0
+    sections = json.loads(capsys.readouterr().out)
+    rec = sections["recommendation"]
+    assert rec["batch_size"] >= BATCHNORM_MIN_PER_DEVICE
+    assert rec["per_device_batch_size"] <= sections["memory"]["recommended_batch_size"]
+    assert sections["noise"]["samples"] >= 4
+    assert sections["record_path"] == str(out / "run.json")
+
+    rerendered = tmp_path / "again.html"
+    with pytest.raises(SystemExit) as excinfo:
+        run(["report", str(out / "run.json"), "--html", str(rerendered)])
+    assert excinfo.value.code == 0
+    assert rerendered.read_text().count("<figure") == 4

@@ -1,0 +1,78 @@
+"""The CLI's contract: --version, workloads, one-line usage errors with exit code 2, and user
+errors keeping their traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from batchscope import __version__
+from batchscope.cli.main import run
+
+
+def _run(capsys, *argv):
+    with pytest.raises(SystemExit) as excinfo:
+        run(list(argv))
+    out, err = capsys.readouterr()
+    return excinfo.value.code, out, err
+
+
+def test_version(capsys):
+    code, out, _ = _run(capsys, "--version")
+    assert code == 0
+    assert out.strip() == f"batchscope {__version__}"
+
+
+def test_workloads_json_lists_the_seed_with_its_reference_settings(capsys):
+    code, out, _ = _run(capsys, "workloads", "--json")
+    assert code == 0
+    entries = {entry["name"]: entry for entry in json.loads(out)["workloads"]}
+    seed = entries["resnet18-cifar10"]
+    assert (seed["reference_batch_size"], seed["reference_lr"], seed["optimizer_family"]) == (128, 0.1, "sgd")
+    assert seed["schedule"] == "cosine"
+    assert "small-cnn-cifar10" in entries
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["tune"], "Missing option '--workload'"),
+        (["tune", "-w", "small-cnn-cifar10", "--bogus"], "No such option: --bogus"),
+        (["tune", "-w", "no-such-workload"], "unknown workload 'no-such-workload'"),
+        (["tune", "-w", "small-cnn-cifar10", "--budget", "3"], "budget=3.0 seconds is too small"),
+        (["tune", "-w", "small-cnn-cifar10", "--target", "accuracy"], "target='accuracy'"),
+        (["tune", "-w", "small-cnn-cifar10", "--device", "tpu"], "device 'tpu'"),
+        (["tune", "-w", "small-cnn-cifar10", "-o", "train_size"], "is not KEY=VALUE"),
+        (["tune", "-w", "bad.spec:"], "not of the form 'package.module:function'"),
+        (["report", "/nonexistent/run.json"], "does not exist"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(capsys, argv, fragment):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ")
+    assert fragment in err
+
+
+def test_unwritable_output_dir_is_a_usage_error(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, _, err = _run(capsys, "tune", "-w", "small-cnn-cifar10", "--out", str(blocker / "sub"))
+    assert code == 2
+    assert "is not writable" in err
+
+
+def test_errors_in_user_code_keep_their_traceback(tmp_path, monkeypatch):
+    (tmp_path / "crashing_workload.py").write_text(textwrap.dedent("""
+        def make():
+            raise ZeroDivisionError("inside the user's factory")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ZeroDivisionError, match="inside the user's factory"):
+        run(["tune", "-w", "crashing_workload:make"])
+    sys.modules.pop("crashing_workload", None)

@@ -1,0 +1,64 @@
+"""The recommendation policy on hand-made plans and evidence (no torch involved)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from batchscope.recommend import Evidence, recommend
+
+
+@dataclass
+class Plan:
+    batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    speedup_vs_reference: float = 2.0
+    good_range: tuple[int, int] = (512, 2048)
+
+
+def _recommend(plan, **evidence):
+    fields = dict(memory_limit=2048, noise_scale=4000.0, noise_status="ok", noise_measured_at_step=5000)
+    fields.update(evidence)
+    return recommend(plan, Evidence(**fields), base_batch_size=128, base_learning_rate=0.1,
+                     optimizer_family="sgd", steps_per_epoch=50000 // plan.batch_size)
+
+
+def test_sgd_linear_rule_with_goyal_warmup():
+    rec = _recommend(Plan(1024, 1024, 1))
+    assert rec.lr_rule == "linear"
+    assert rec.learning_rate == pytest.approx(0.8)
+    assert rec.warmup_steps == 5 * (50000 // 1024)  # 8x the LR: five epochs of warmup
+    assert rec.predicted_speedup_vs_reference == 2.0
+    assert rec.good_range == (512, 2048)
+    assert rec.caveats == []
+
+
+def test_adam_family_gets_the_square_root_rule():
+    rec = recommend(Plan(512, 512, 1), Evidence(memory_limit=2048), base_batch_size=128,
+                    base_learning_rate=1e-3, optimizer_family="adam")
+    assert rec.lr_rule == "sqrt"
+    assert rec.learning_rate == pytest.approx(2e-3)
+    assert any("Noise scale not usable" in line for line in rec.rationale)
+
+
+def test_accumulation_plan_and_batchnorm_caveats():
+    rec = _recommend(Plan(4096, 16, 256), has_batchnorm=True)
+    assert (rec.grad_accumulation, rec.per_device_batch_size) == (256, 16)
+    assert any("BatchNorm sees only 16 examples" in c for c in rec.caveats)
+    assert any("4096 does not fit at once: 256 accumulation steps of 16" in r for r in rec.rationale)
+
+
+def test_early_noise_ddp_and_pipeline_caveats():
+    rec = recommend(
+        Plan(1024, 1024, 1),
+        Evidence(memory_limit=2048, noise_scale=900.0, noise_status="ok", noise_measured_at_step=40,
+                 input_pipeline={"bottleneck": True, "note": "loader gives 10k/s vs 40k/s"}),
+        base_batch_size=128, base_learning_rate=0.1, optimizer_family="sgd", world_size=4)
+    assert rec.per_device_batch_size == 256
+    text = " ".join(rec.caveats)
+    assert "measured after 40 training steps" in text
+    assert "global across 4 devices" in text
+    assert "loader gives 10k/s vs 40k/s" in text
+    assert "exceeds the noise scale" in text  # linear scaling past B_noise overshoots
