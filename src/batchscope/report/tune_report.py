@@ -74,6 +74,16 @@ def _notes(sections: Mapping[str, Any], errors: list[str]) -> list[str]:
     rec = sections.get("recommendation") or {}
     notes = list(rec.get("rationale", []))
     notes += [f"Caveat: {c}" for c in rec.get("caveats", [])]
+    # What each probe said about itself (caps, early stops, measurement conditions).
+    memory = sections.get("memory") or {}
+    if memory.get("note"):
+        notes.append(f"Memory probe: {memory['note']}")
+    throughput = sections.get("throughput") or {}
+    if throughput.get("stop_reason"):
+        notes.append(f"Throughput probe stopped early: {throughput['stop_reason']}.")
+    notes += [f"Throughput probe: {n}" for n in throughput.get("notes", [])]
+    notes += [f"Noise probe: {n}" for n in (sections.get("noise") or {}).get("notes", [])]
+    notes += [f"Goodput model: {n}" for n in (sections.get("goodput") or {}).get("notes", [])]
     notes += [f"Error: {e}" for e in errors]
     return notes
 
