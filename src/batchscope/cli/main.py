@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from batchscope import __version__
@@ -16,12 +15,12 @@ from batchscope.cli import (common, probe_memory, probe_noise, probe_throughput,
                             sweep_cmd, tune_cmd, workloads_cmd)
 from batchscope.errors import UsageError
 
-# Typer >= 0.16 vendors its own copy of click; catch both its and click's classes.
+# Recent Typer vendors its own click (older ones use click itself): take the parser's usage-error
+# class from Typer's BadParameter instead of importing click, which may not be installed.
 _CLICK_USAGE_ERRORS = tuple(
-    {click.exceptions.UsageError}
-    | {base for base in typer.BadParameter.__mro__ if base.__name__ == "UsageError"}
+    base for base in typer.BadParameter.__mro__ if base.__name__ == "UsageError"
 )
-_ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+_ABORTS = (typer.Abort,)
 
 app = typer.Typer(
     name="batchscope",
