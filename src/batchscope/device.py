@@ -6,6 +6,15 @@ read the peak memory of a region, know the total memory, and hand freed memory b
 On CPU there is no allocator with statistics, so peak memory is the process's resident-set
 high-water mark (Linux `VmHWM`), which the kernel lets us reset through `/proc/self/clear_refs`.
 That is real memory, measured by the OS, which makes a CPU memory budget meaningful and testable.
+
+Side effect of CPU memory probing: opening a CPU peak window (`reset_peak_memory`, which only
+the memory probe does) fixes glibc's mmap threshold at 256 KiB for the rest of the process,
+through `mallopt`. glibc otherwise raises that threshold each time a large mmapped block is
+freed; freed tensors then stay in the heap, and the next probe's resident-set peak would include
+memory the previous probe had already given back. A fixed threshold keeps every large buffer in
+its own mapping, returned to the OS on free. There is no portable way to read the old setting
+back, so it is not restored; the cost is that later large allocations of the process are mmapped
+(slightly slower to allocate and free). `release_memory` changes no setting.
 """
 
 from __future__ import annotations
@@ -84,7 +93,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def release_memory(device: torch.device) -> None:
-    """Return cached blocks to the driver/OS so the next measurement starts clean."""
+    """Return cached blocks to the driver/OS so the next measurement starts clean (on CPU,
+    `malloc_trim`; no allocator setting is changed)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -97,12 +107,19 @@ def release_memory(device: torch.device) -> None:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window."""
+    """Start a new peak-memory window.
+
+    On CPU (glibc) this fixes the mmap threshold at 256 KiB for the rest of the process (see
+    the module docstring): without it, memory freed by one probe stays in the heap and counts
+    in the next probe's peak. Only the memory probe opens CPU windows, so only a process that
+    probes CPU memory has its malloc behaviour changed.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif device.type == "xpu":
         torch.xpu.reset_peak_memory_stats(device)
     elif device.type == "cpu":
+        _fix_mmap_threshold()
         _malloc_trim()
         _reset_rss_peak()
 
@@ -206,15 +223,21 @@ def _libc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(name)
     except OSError:
         return None
-    if not hasattr(libc, "malloc_trim"):
+    if not hasattr(libc, "malloc_trim"):  # not glibc (musl, macOS): nothing to tune or trim
         return None
-    # glibc raises its mmap threshold after each large free, after which freed tensors stay in
-    # the heap and inflate the next probe's RSS; a fixed threshold keeps big buffers in mmap,
-    # which the OS reclaims at free.
-    if hasattr(libc, "mallopt"):
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 256 * 1024)
     return libc
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+_MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def _fix_mmap_threshold() -> None:
+    # Setting it also turns off glibc's dynamic threshold; idempotent, so repeating it per
+    # window costs one call and keeps the setting even if something else changed it meanwhile.
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 def _malloc_trim() -> None:

@@ -113,7 +113,7 @@ def recommend(
 def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batch: int,
                base_lr: float, target: str) -> list[str]:
     lines = [
-        f"Largest batch verified to fit (with margin): {evidence.memory_limit}"
+        f"Largest batch per step within memory (verified fit minus the margin): {evidence.memory_limit}"
         + (f" ({evidence.memory_budget_note})" if evidence.memory_budget_note else "") + "."
     ]
     if evidence.knee_batch_size:

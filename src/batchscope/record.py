@@ -8,18 +8,27 @@ crash mid-write leaves the previous file intact, never a truncated one.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchscope.atomic import write_text_atomic
 from batchscope.errors import UsageError
+
+# `write_text_atomic` is re-exported: callers import it from here (report/, sweep/).
+__all__ = [
+    "SCHEMA_VERSION",
+    "RunRecord",
+    "environment_info",
+    "to_jsonable",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 SCHEMA_VERSION = 1
 
@@ -88,28 +97,10 @@ class RunRecord:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write `data` as JSON atomically (see `write_text_atomic`)."""
+    """Write `data` as JSON atomically (`batchscope.atomic`): the text is built in full first,
+    so data that cannot be serialised leaves the previous file untouched."""
     text = json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n"
     return write_text_atomic(path, text)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Readers see the old file or the new one, never a partial one: write a temp file in the
-    same directory, fsync, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    return path
 
 
 def to_jsonable(value: Any) -> Any:

@@ -43,11 +43,14 @@ MIN_BUDGET_S = 20.0
 CPU_DEFAULT_BUDGET_BYTES = 2 * 1024**3
 # Shares of the budget. Memory and throughput stop refining when their share is spent (each
 # finishes the probe in flight); the noise probe plans its sample count from what is left.
+# Noise gets the largest share because its interval narrows only as 1/sqrt(samples), while
+# memory converges in a handful of probes and throughput stops once the curve flattens.
 MEMORY_SHARE = 0.30
 THROUGHPUT_SHARE = 0.30
 NOISE_SHARE = 0.60  # of the remainder, after the training steps' share
 NOISE_TRAIN_SHARE = 0.35
 MAX_ACCUMULATION = 16
+NOISE_ACCUMULATION = 4  # micro-batches per noise sample: small batch b, big batch 4b
 # Beyond ~200 samples the interval narrows slowly (1/sqrt(n)) while the cost grows linearly.
 MAX_NOISE_SAMPLES = 200
 # "examples" target: batches whose examples-to-target stay within 10% of the minimum,
@@ -134,10 +137,15 @@ def tune(
 
     remaining = budget_s - (time.perf_counter() - started)
     noise: NoiseScaleResult | None = None
-    train_steps, samples = _noise_plan(resolved, model, remaining)
+    limit = memory.recommended_batch_size
+    train_steps, samples = _noise_plan(resolved, model, remaining, limit)
     if samples >= 4:
+        # Micro-batches within what fits; reference-sized training steps are accumulated.
+        micro = min(max(1, resolved.reference_batch_size // NOISE_ACCUMULATION), limit)
         noise = stage("noise probe", lambda: estimate_noise_scale(
-            resolved, device=where, steps=samples, train_steps=train_steps))
+            resolved, device=where, steps=samples, train_steps=train_steps,
+            micro_batch_size=micro, accumulation=NOISE_ACCUMULATION,
+            train_batch_size=min(resolved.reference_batch_size, limit)))
         record.sections["noise"] = noise.to_dict()
     else:
         record.errors.append(
@@ -152,7 +160,8 @@ def tune(
                              noise_value, floor)
     plan = plan_batch_size(
         candidates, model, noise_value, max_fit_batch_size=memory.recommended_batch_size,
-        reference_batch_size=resolved.reference_batch_size, max_accumulation=MAX_ACCUMULATION,
+        reference_batch_size=resolved.reference_batch_size,
+        max_accumulation=_max_accumulation(resolved.reference_batch_size, limit),
     )
     record.sections["goodput"] = plan.to_dict()
     evidence = Evidence(
@@ -235,13 +244,23 @@ def _throughput_model(throughput: ThroughputResult) -> Any:
     return fit_throughput_model([p.batch_size for p in points], [p.step_s for p in points])
 
 
-def _noise_plan(workload: Workload, model: Any, remaining_s: float) -> tuple[int, int]:
+def _max_accumulation(reference_batch_size: int, limit: int) -> int:
+    """MAX_ACCUMULATION, or more when the reference batch itself needs more micro-batches
+    (the plan must be able to express the reference to compare against it)."""
+    return max(MAX_ACCUMULATION, math.ceil(reference_batch_size / limit))
+
+
+def _noise_plan(workload: Workload, model: Any, remaining_s: float, limit: int) -> tuple[int, int]:
     """(training steps before measuring, noise samples) that fit the remaining budget.
 
     A sample costs about one reference-sized step (k micro-batches of reference/k); training
-    first moves the measurement past initialisation, where B_noise is smallest.
+    first moves the measurement past initialisation, where B_noise is smallest. When the
+    reference batch does not fit, its steps are accumulated from micro-batches that do.
     """
-    step_s = float(model.step_seconds(workload.reference_batch_size)) * 1.3  # + norms, copies
+    reference = workload.reference_batch_size
+    fitting = min(reference, limit)
+    per_step = float(model.step_seconds(fitting)) * math.ceil(reference / fitting)
+    step_s = per_step * 1.3  # + gradient norms and copies
     if not math.isfinite(step_s) or step_s <= 0:
         return 0, 0
     epoch_steps = (workload.dataset_size or 0) // workload.reference_batch_size
@@ -263,7 +282,7 @@ def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: 
     `floor`, the BatchNorm minimum) up to what fits times the accumulation limit, plus the
     memory limit and the reference."""
     smallest = max(floor, min(p.batch_size for p in throughput.points))
-    largest = memory_limit * MAX_ACCUMULATION
+    largest = memory_limit * _max_accumulation(workload.reference_batch_size, memory_limit)
     if workload.dataset_size:
         largest = min(largest, workload.dataset_size)
     sizes = {memory_limit, workload.reference_batch_size}
@@ -279,9 +298,9 @@ def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: 
 
 
 def _has_batchnorm(workload: Workload, where: torch.device) -> bool:
-    with StateGuard(rng=True) as guard:
+    # Only reads the module tree; the guard is for the RNG that building a model consumes.
+    with StateGuard(rng=True):
         model = workload.build_model(where)
-        guard.protect(model)
         found = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     del model
     return found

@@ -243,6 +243,11 @@ def load_entry_point(spec: str) -> Workload:
 def resolve_workload(name_or_spec: str | Workload, **options: Any) -> Workload:
     """A `Workload` from a built-in name, a `module:function` entry point, or itself."""
     if isinstance(name_or_spec, Workload):
+        if options:
+            raise UsageError(
+                f"options {sorted(options)} apply to built-in workloads given by name; a Workload "
+                f"object is already configured (use workload.with_settings(...))"
+            )
         return name_or_spec
     if ":" in name_or_spec:
         if options:

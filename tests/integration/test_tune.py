@@ -14,6 +14,13 @@ from batchscope.cli.main import run
 from batchscope.record import RunRecord
 from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE
 
+@pytest.fixture(autouse=True)
+def fixed_noise_plan(monkeypatch):
+    """The noise probe's sample count normally follows the measured step time and the budget
+    left; pin it (2 training steps, 8 samples) so a slow CI machine cannot starve it."""
+    monkeypatch.setattr("batchscope.tuning._noise_plan", lambda *args, **kwargs: (2, 8))
+
+
 FIGURE_TITLES = ("Peak memory vs batch size", "Throughput vs batch size", "Gradient noise scale",
                  "Predicted time to target vs batch size")
 
@@ -106,7 +113,8 @@ def test_cli_tune_on_the_small_builtin_writes_json_and_report_and_report_rerende
     rec = sections["recommendation"]
     assert rec["batch_size"] >= BATCHNORM_MIN_PER_DEVICE
     assert rec["per_device_batch_size"] <= sections["memory"]["recommended_batch_size"]
-    assert sections["noise"]["samples"] >= 4
+    assert sections["noise"]["samples"] == 8
+    assert sections["errors"] == []
     assert sections["record_path"] == str(out / "run.json")
 
     rerendered = tmp_path / "again.html"
@@ -114,3 +122,27 @@ def test_cli_tune_on_the_small_builtin_writes_json_and_report_and_report_rerende
         run(["report", str(out / "run.json"), "--html", str(rerendered)])
     assert excinfo.value.code == 0
     assert rerendered.read_text().count("<figure") == 4
+
+
+def test_a_reference_batch_larger_than_memory_is_accumulated_everywhere(tmp_path):
+    # 32 KiB of input per example: a 48 MiB budget fits a few hundred examples, far below the
+    # reference of 4096, which the noise probe and the plan must then build by accumulation.
+    def make_batch(batch_size, device, generator):
+        features = torch.randn(batch_size, 8192, generator=generator)
+        return features.to(device), (features[:, 0] > 0).long().to(device)
+
+    workload = batchscope.Workload(
+        name="wide-input", build_model=lambda device: nn.Linear(8192, 2).to(device),
+        build_optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        loss=lambda model, batch: nn.functional.cross_entropy(model(batch[0]), batch[1]),
+        make_batch=make_batch, reference_batch_size=4096, reference_lr=0.1)
+    result = batchscope.tune(workload, device="cpu", budget_s=25, memory_budget="48MiB")
+
+    limit = result.memory.recommended_batch_size
+    assert limit < 4096
+    assert result.noise is not None
+    assert result.noise.micro_batch_size <= limit
+    assert any("accumulated micro-batches" in note for note in result.noise.notes)
+    assert result.recommendation.per_device_batch_size <= limit
+    reference = next(p for p in result.plan.curve if p.batch_size == 4096)
+    assert reference.feasible and reference.micro_batch_size <= limit

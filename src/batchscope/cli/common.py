@@ -17,8 +17,10 @@ from batchscope.errors import UsageError
 from batchscope.record import to_jsonable
 from batchscope.workload import Workload, resolve_workload
 
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: the text printed here comes from runs and users' code ("[enforce fail at ...]"
+# would vanish, "[/x]" would crash); style goes through Text/style arguments instead.
+console = Console(markup=False, highlight=False)
+err_console = Console(stderr=True, markup=False, highlight=False)
 
 WORKLOAD_HELP = "Built-in workload name (see `batchscope workloads`) or package.module:function."
 OPTION_HELP = "Built-in workload option KEY=VALUE (repeatable), e.g. -o train_size=2000."

@@ -99,8 +99,8 @@ def render(result: MemoryProbeResult) -> None:
             style="bold" if probe.batch_size == result.max_batch_size else None,
         )
     console.print(table)
-    console.print(f"largest verified batch: [bold]{result.max_batch_size}[/bold]")
-    console.print(f"recommended batch:      [bold]{result.recommended_batch_size}[/bold]")
+    console.print(f"largest verified batch: {result.max_batch_size}", style="bold")
+    console.print(f"recommended batch:      {result.recommended_batch_size}", style="bold")
     if result.bytes_per_sample is not None and result.fixed_bytes is not None:
         console.print(f"memory model: {format_bytes(result.fixed_bytes)} + "
                       f"{format_bytes(result.bytes_per_sample)} per example")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from batchscope.cli.common import console
+from batchscope.cli.common import JSON_HELP, console, print_json
 from batchscope.errors import UsageError
 from batchscope.record import RunRecord
 
@@ -15,6 +15,7 @@ from batchscope.record import RunRecord
 def command(
     run: Path = typer.Argument(..., help="A run.json written by batchscope."),
     html: Optional[Path] = typer.Option(None, "--html", help="Where to write the HTML (default: next to RUN.json)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Re-render the HTML report and plots of a saved run."""
     record = RunRecord.load(run)
@@ -32,4 +33,8 @@ def command(
                               html_path=html)
     else:
         raise UsageError(f"run record kind {record.kind!r} has no report; reports exist for tune and sweep runs")
-    console.print(f"report: {path}")
+    if json_out:
+        print_json({"kind": record.kind, "report": str(path), "errors": record.errors,
+                    "sections": sorted(record.sections)})
+    else:
+        console.print(f"report: {path}")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from batchscope.cli.common import (DEVICE_HELP, JSON_HELP, OPTION_HELP, WORKLOAD_HELP, console,
                                    err_console, parse_options, print_json)
@@ -35,7 +36,8 @@ def command(
             progress=lambda message: status.update(f"tuning: {message}"),
         )
     if json_out:
-        print_json(result.record.to_dict()["sections"] | {"record_path": _path(out, "run.json")})
+        print_json(result.record.to_dict()["sections"]
+                   | {"errors": result.record.errors, "record_path": _path(out, "run.json")})
         return
     table = Table(title=f"batchscope recommendation — {result.record.workload['name']}")
     for column in ("setting", "reference", "recommended"):
@@ -46,9 +48,9 @@ def command(
     for line in result.recommendation.rationale:
         console.print(f"  • {line}", highlight=False)
     for line in result.recommendation.caveats:
-        console.print(f"  [yellow]caveat:[/] {line}", highlight=False)
+        console.print(Text.assemble("  ", ("caveat: ", "yellow"), line))
     for line in result.record.errors:
-        console.print(f"  [red]note:[/] {line}", highlight=False)
+        console.print(Text.assemble("  ", ("note: ", "red"), line))
     if out is not None:
         console.print(f"run record: {out / 'run.json'}\nreport:     {out / 'report.html'}")
     console.print(f"({result.seconds:.0f}s)")

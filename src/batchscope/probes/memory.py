@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
@@ -34,15 +33,10 @@ from typing import Any, Literal, Mapping
 import torch
 
 from batchscope import device as devices
+from batchscope.checks import require_int, require_positive_number
 from batchscope.errors import ProbeFailedError, UsageError
 from batchscope.guard import StateGuard
-from batchscope.probes.memory_runner import (
-    InProcessRunner,
-    MemoryMeter,
-    MemoryProbe,
-    ProbePlan,
-    format_bytes,
-)
+from batchscope.probes.memory_runner import InProcessRunner, MemoryMeter, MemoryProbe, ProbePlan
 from batchscope.probes.memory_search import (
     DEFAULT_MAX_PROBES,
     DEFAULT_START,
@@ -50,7 +44,19 @@ from batchscope.probes.memory_search import (
     LimitSearch,
     fit_observations,
 )
+from batchscope.units import format_bytes, parse_size
 from batchscope.workload import Workload, resolve_workload
+
+# `parse_size` is re-exported: tuning.py, the CLI and the benchmarks import it from here.
+__all__ = [
+    "DEFAULT_MARGIN",
+    "ROUNDING_THRESHOLD",
+    "CappedBy",
+    "MemoryProbeResult",
+    "parse_size",
+    "probe_memory",
+    "recommended_batch_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +152,8 @@ def probe_memory(
     Args:
         workload: a `Workload`, a built-in name or a `package.module:function` entry point.
         device: where to probe (`None`/"auto": the best available).
-        memory_budget: bytes or a size such as "4GiB", "512MB", "1.5G" (see `parse_size`).
+        memory_budget: bytes or a size such as "4GiB", "512MB", "1.5G" (see
+            `batchscope.units.parse_size`).
             Required on CPU; on an accelerator it lowers the budget from the total memory.
         margin: fraction taken off the largest fit for the recommendation, in [0, 1).
         tolerance: stop when `smallest failure - largest fit <= max(1, tolerance * fit)`.
@@ -168,8 +175,9 @@ def probe_memory(
         UsageError: bad arguments (no budget on CPU, isolate with a Workload object...).
         ProbeFailedError: not even batch size 1 fits.
     """
-    _check_arguments(margin, tolerance, max_batch_size, start_batch_size, steps,
-                     eval_batch_factor, max_probes)
+    max_batch_size, start_batch_size, steps, max_probes = _check_arguments(
+        margin, tolerance, max_batch_size, start_batch_size, steps, eval_batch_factor, max_probes
+    )
     if isolate and not isinstance(workload, str):
         raise UsageError(
             "isolate=True needs the workload as a built-in name or 'package.module:function' "
@@ -221,66 +229,28 @@ def recommended_batch_size(max_batch_size: int, margin: float) -> int:
     return max(1, min(size, max_batch_size))
 
 
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-_BINARY = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from a size: "4GiB" and "4G" are binary (2**30, as `free -h` and docker read
-    them), "512MB" decimal (10**6), a bare number is bytes."""
-    if isinstance(text, bool):
-        raise UsageError(f"memory size {text!r} is not a size; write e.g. 4GiB, 512MB or 1.5G")
-    if isinstance(text, int):
-        if text <= 0:
-            raise UsageError(f"memory size {text} must be positive; write e.g. 4GiB")
-        return text
-    match = _SIZE_PATTERN.match(str(text))
-    if match is None:
-        raise UsageError(f"memory size {text!r} is not a size; write e.g. 4GiB, 512MB or 1.5G")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    if unit in ("", "b"):
-        factor = 1
-    elif len(unit) == 1 and unit in _BINARY:
-        factor = _BINARY[unit]
-    elif len(unit) == 3 and unit.endswith("ib") and unit[0] in _BINARY:
-        factor = _BINARY[unit[0]]
-    elif len(unit) == 2 and unit.endswith("b") and unit[0] in _DECIMAL:
-        factor = _DECIMAL[unit[0]]
-    else:
-        raise UsageError(
-            f"memory size {text!r} has an unknown unit {match.group(2)!r}; use B, K/KiB, "
-            f"M/MiB, G/GiB, T/TiB (binary) or KB, MB, GB, TB (decimal)"
-        )
-    size = int(number * factor)
-    if size <= 0:
-        raise UsageError(f"memory size {text!r} must be at least one byte; write e.g. 4GiB")
-    return size
-
-
 # -- internals ---------------------------------------------------------------------------------
 
 
 def _check_arguments(
     margin: float, tolerance: float, max_batch_size: int | None, start: int, steps: int,
     eval_batch_factor: float | None, max_probes: int,
-) -> None:
+) -> tuple[int | None, int, int, int]:
+    """Refuses bad arguments before anything runs; returns the integer ones as plain ints
+    (a numpy integer is accepted, and must not leak into the JSON of an isolated probe)."""
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise UsageError(f"margin={margin!r} must be in [0, 1), e.g. 0.1 for 10%")
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
         raise UsageError(f"tolerance={tolerance!r} must be in (0, 1), e.g. 0.02 for 2%")
-    for name, value, minimum in (("max_batch_size", max_batch_size, 1),
-                                 ("start_batch_size", start, 1), ("steps", steps, 2),
-                                 ("max_probes", max_probes, 1)):
-        if value is None and name == "max_batch_size":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            why = " (the first step allocates the optimizer state)" if name == "steps" else ""
-            raise UsageError(f"{name}={value!r} must be an integer >= {minimum}{why}")
-    if eval_batch_factor is not None and not (
-        isinstance(eval_batch_factor, (int, float)) and eval_batch_factor > 0
-    ):
-        raise UsageError(f"eval_batch_factor={eval_batch_factor!r} must be a positive number")
+    if eval_batch_factor is not None:
+        require_positive_number("eval_batch_factor", eval_batch_factor,
+                                hint="e.g. 2.0 when evaluation uses twice the training batch")
+    return (
+        None if max_batch_size is None else require_int("max_batch_size", max_batch_size),
+        require_int("start_batch_size", start),
+        require_int("steps", steps, minimum=2, hint="the first step allocates the optimizer state"),
+        require_int("max_probes", max_probes),
+    )
 
 
 def _resolve_budget(

@@ -30,7 +30,19 @@ from batchscope import step
 from batchscope.errors import ProbeFailedError
 from batchscope.guard import StateGuard
 from batchscope.oom import Outcome, run_catching_oom
+from batchscope.units import format_bytes
 from batchscope.workload import Workload
+
+# `format_bytes` is re-exported: the CLI imports it from here (new code: batchscope.units).
+__all__ = [
+    "DeviceMemoryMeter",
+    "InProcessRunner",
+    "MemoryMeter",
+    "MemoryProbe",
+    "ProbePlan",
+    "format_bytes",
+    "judge",
+]
 
 
 class MemoryMeter(Protocol):
@@ -45,11 +57,15 @@ class DeviceMemoryMeter:
     """The device's own peak-memory counter.
 
     With `relative=True` (CPU) the peak is measured from the process's memory at construction:
-    create the meter just before the model is built.
+    create the meter just before the model is built. Construction then also opens a first
+    peak window, so that glibc's mmap threshold is fixed (see `device.reset_peak_memory`)
+    before the model and the warm-up step allocate, not only from the first probe on.
     """
 
     def __init__(self, device: torch.device, *, relative: bool) -> None:
         self.device, self.relative = device, relative
+        if relative:
+            devices.reset_peak_memory(device)
         self.baseline_bytes = devices.current_memory_bytes(device) if relative else 0
 
     def exclude_growth_since(self, reading_bytes: int) -> None:
@@ -120,8 +136,12 @@ class InProcessRunner:
         # Garbage collected later would otherwise sit in the baseline, and the peaks measured
         # against it would come out too small (even zero).
         devices.release_memory(device)
-        default_meter = DeviceMemoryMeter(device, relative=device.type == "cpu")
-        self.meter: MemoryMeter = meter if meter is not None else default_meter
+        # Only built when used: on CPU it opens a peak window, which changes malloc settings.
+        default_meter: DeviceMemoryMeter | None = None
+        if meter is None:
+            default_meter = DeviceMemoryMeter(device, relative=device.type == "cpu")
+            meter = default_meter
+        self.meter: MemoryMeter = meter
         self.model = self._build_model()
         # Neither batchscope's snapshot of the model nor what a first step leaves behind for
         # good (thread pools, kernel caches, the dataset a workload loads on first use: 60+ MiB
@@ -133,7 +153,8 @@ class InProcessRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self._warm_up(warm_batch_size)
-        default_meter.exclude_growth_since(before)
+        if default_meter is not None:
+            default_meter.exclude_growth_since(before)
 
     def _build_model(self) -> nn.Module:
         # Not step.build_model: the factory may hand back the user's own model
@@ -216,16 +237,6 @@ def judge(
                            f"over budget: peak {format_bytes(peak)} > "
                            f"{format_bytes(plan.budget_bytes)}")
     return MemoryProbe(batch_size, True, peak, seconds, completed, "fits")
-
-
-def format_bytes(value: float) -> str:
-    """`1536 -> "1.50 KiB"`: binary units, as allocators report them."""
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _evaluation_pass(

@@ -131,6 +131,7 @@ def estimate_noise_scale(
     accumulation: int = DEFAULT_ACCUMULATION,
     method: Method = "accumulation",
     train_steps: int = 0,
+    train_batch_size: int | None = None,
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     precondition: Precondition = None,
@@ -150,6 +151,9 @@ def estimate_noise_scale(
         train_steps: first train this many steps at the reference batch size and LR (constant
             LR) - the noise scale grows during training, so the value at initialisation
             understates it.
+        train_batch_size: the largest batch that fits, when the reference batch does not: the
+            training steps then accumulate reference-sized batches from micro-batches of at
+            most this size, so the dynamics stay the reference's.
         model: measure at this model's parameters instead of a freshly built one (it is
             restored afterwards, train_steps included).
         optimizer: a user optimizer whose Adam state preconditions (read only; with
@@ -162,6 +166,10 @@ def estimate_noise_scale(
     """
     workload = resolve_workload(workload)
     _check_arguments(steps, micro_batch_size, accumulation, method, train_steps, seed, precondition)
+    if train_batch_size is not None and (isinstance(train_batch_size, bool)
+                                         or not isinstance(train_batch_size, int) or train_batch_size < 1):
+        raise UsageError(f"train_batch_size={train_batch_size!r} must be a positive integer "
+                         f"(the largest batch that fits)")
     device = _pick_device(device, model)
     b = micro_batch_size if micro_batch_size is not None else max(1, workload.reference_batch_size // accumulation)
     started = time.perf_counter()
@@ -177,7 +185,8 @@ def estimate_noise_scale(
         generator = torch.Generator(device="cpu").manual_seed(seed)
         scaler = _grad_scaler(workload, device)
         if train_steps:
-            optimizer = _train(workload, model, device, train_steps, generator, scaler, notes)
+            optimizer = _train(workload, model, device, train_steps, generator, scaler, notes,
+                               train_batch_size)
         _check_adam_state(precondition, optimizer, model)
         if _has_train_mode_batchnorm(model):
             if method == "per_example":
@@ -346,16 +355,34 @@ def _train(
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
     notes: list[str],
+    train_batch_size: int | None = None,
 ) -> torch.optim.Optimizer:
+    reference = workload.reference_batch_size
+    micro = min(reference, train_batch_size or reference)
+    chunks = math.ceil(reference / micro)
     optimizer = workload.build_optimizer(model.parameters(), workload.reference_lr)
     for _ in range(train_steps):
-        batch = workload.sample(workload.reference_batch_size, device, generator)
-        steps_module.train_step(workload, model, optimizer, batch, device, scaler)
+        for size in _split(reference, chunks):
+            batch = workload.sample(size, device, generator)
+            with steps_module.autocast(workload, device):
+                # Each chunk's share of a reference-batch mean (or its sum, for sum losses).
+                loss = workload.loss(model, batch)
+                if workload.loss_reduction == "mean":
+                    loss = loss * (size / reference)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        steps_module.optimizer_step(optimizer, scaler)
+    how = f" as {chunks} accumulated micro-batches" if chunks > 1 else ""
     notes.append(
-        f"measured after {train_steps} training step(s) at batch {workload.reference_batch_size}, "
+        f"measured after {train_steps} training step(s) at batch {reference}{how}, "
         f"constant lr {workload.reference_lr:g}"
     )
     return optimizer
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """`total` as `parts` near-equal positive sizes."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _check_adam_state(precondition: Precondition, optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:

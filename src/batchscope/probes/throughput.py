@@ -119,18 +119,20 @@ def measure_throughput(
     with StateGuard(rng=True) as guard:
         trainer = _Trainer(workload, device, guard)
         deadline = None if time_budget_s is None else started + time_budget_s
-        curve = _sweep(trainer, grid, fraction, early_stop, timing, deadline, clock)
-        if data_path and workload.data_loader is not None:
-            pipeline = check_input_pipeline(
-                trainer.step, trainer.device_batches, workload.data_loader, device,
-                [curve.knee_batch_size, curve.best_batch_size], after_oom=trainer.drop_gradients,
-                **timing)
-        elif data_path:
-            pipeline = not_measured("the workload has no data_loader (its batches come from "
-                                    "make_batch only)")
-        else:
-            pipeline = not_measured("data_path=False")
-        trainer.close()
+        try:  # free the model and optimizer also on failure or Ctrl-C
+            curve = _sweep(trainer, grid, fraction, early_stop, timing, deadline, clock)
+            if data_path and workload.data_loader is not None:
+                pipeline = check_input_pipeline(
+                    trainer.step, trainer.device_batches, workload.data_loader, device,
+                    [curve.knee_batch_size, curve.best_batch_size],
+                    after_oom=trainer.drop_gradients, **timing)
+            elif data_path:
+                pipeline = not_measured("the workload has no data_loader (its batches come "
+                                        "from make_batch only)")
+            else:
+                pipeline = not_measured("data_path=False")
+        finally:
+            trainer.close()
         variant_results = []
         for name, (settings, variant_workload) in variant_workloads.items():
             logger.info("throughput variant %s", name)

@@ -13,11 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # reports are rendered headless; never open a window
-
-from matplotlib.figure import Figure  # noqa: E402
+# Figures are built with matplotlib.figure.Figure directly (no pyplot), so no GUI backend is
+# involved and the user's own matplotlib backend setting is left alone.
+from matplotlib.figure import Figure
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto;

@@ -59,11 +59,11 @@ def throughput_figure(throughput: Mapping[str, Any] | None,
     points = throughput["points"]
     xs = [p["batch_size"] for p in points]
     ys = [p["samples_per_s"] for p in points]
-    errors = [p.get("spread", 0.0) * p["samples_per_s"] for p in points]
+    errors = [(p.get("spread") or 0.0) * p["samples_per_s"] for p in points]
     ax.errorbar(xs, ys, yerr=errors, fmt="o", color="#1f77b4", capsize=3, label="measured (median ± spread)")
     curve = (goodput or {}).get("curve") or []
     fitted = [(c["batch_size"], c["samples_per_s"]) for c in curve
-              if c.get("accumulation", 1) == 1 and c.get("samples_per_s")]
+              if c.get("accumulation") == 1 and c.get("samples_per_s")]
     if fitted:
         ax.plot(*zip(*fitted), color="#1f77b4", alpha=0.5, label="throughput model")
     if throughput.get("knee_batch_size"):
@@ -118,9 +118,11 @@ def time_to_target_figure(goodput: Mapping[str, Any] | None,
         return None
     figure = Figure(figsize=(6.4, 4.0))
     ax = figure.add_subplot()
-    curve = goodput["curve"]
-    direct = [c for c in curve if c.get("accumulation", 1) == 1]
-    accumulated = [c for c in curve if c.get("accumulation", 1) > 1]
+    # Infeasible candidates (no accumulation plan within the limit) have no time to plot.
+    curve = [c for c in goodput["curve"] if c.get("relative_time") is not None
+             and c.get("accumulation") is not None]
+    direct = [c for c in curve if c["accumulation"] == 1]
+    accumulated = [c for c in curve if c["accumulation"] > 1]
     ax.plot([c["batch_size"] for c in direct], [c["relative_time"] for c in direct],
             "o-", color="#ff7f0e", label="fits in memory")
     if accumulated:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from batchscope.atomic import atomic_output
 from batchscope.errors import DataNotFoundError
-from batchscope.workloads.atomic_files import atomic_output
 from batchscope.workloads.cifar10_archives import CifarArrays, decode_archive
 from batchscope.workloads.download import (
     OFFICIAL_NAME,
@@ -145,7 +145,7 @@ def cache_file_for(archive: Path, size: int, mtime_ns: int, directory: Path) -> 
 
 def write_cache(path: Path, arrays: CifarArrays) -> None:
     """Save the arrays atomically (a crash mid-write never leaves a truncated cache)."""
-    with atomic_output(path) as handle:
+    with atomic_output(path, "wb") as handle:
         np.savez(handle, **arrays.as_dict())
 
 

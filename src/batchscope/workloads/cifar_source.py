@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from batchscope.checks import require_int
 from batchscope.errors import UsageError
 from batchscope.workloads.cifar10_data import load_cifar10
 
@@ -92,8 +93,7 @@ def sample_indices(dataset_size: int, batch_size: int, generator: torch.Generato
     batch). It is still served, for memory and throughput probes that need the shape, by
     concatenating independent permutations: every example then appears floor or ceil of
     batch / dataset times."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise UsageError(f"batch_size={batch_size!r} must be a positive integer")
+    batch_size = require_int("batch_size", batch_size)
     permutations = math.ceil(batch_size / dataset_size)
     drawn = [
         torch.randperm(dataset_size, generator=generator, device=generator.device)

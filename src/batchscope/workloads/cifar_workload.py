@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from batchscope.checks import require_int
 from batchscope.errors import UsageError
 from batchscope.workload import Workload
 from batchscope.workloads.augment import Normaliser, augmented_batch
@@ -66,21 +67,18 @@ class CifarOptions:
     loader_workers: int = 0
 
     def __post_init__(self) -> None:
-        _check_size("train_size", self.train_size, FULL_TRAIN_SIZE)
-        _check_size("test_size", self.test_size, FULL_TEST_SIZE)
+        # Stored back as plain ints (a numpy integer is accepted; the dataclass is frozen).
+        object.__setattr__(self, "train_size",
+                           _check_size("train_size", self.train_size, FULL_TRAIN_SIZE))
+        object.__setattr__(self, "test_size",
+                           _check_size("test_size", self.test_size, FULL_TEST_SIZE))
         if not isinstance(self.channels_last, bool):
             raise UsageError(f"channels_last={self.channels_last!r} must be True or False")
         if self.download is not None and not isinstance(self.download, bool):
             raise UsageError(f"download={self.download!r} must be True or False")
-        if (
-            isinstance(self.loader_workers, bool)
-            or not isinstance(self.loader_workers, int)
-            or self.loader_workers < 0
-        ):
-            raise UsageError(
-                f"loader_workers={self.loader_workers!r} must be an integer >= 0 (0 loads in "
-                f"the main process)"
-            )
+        object.__setattr__(self, "loader_workers", require_int(
+            "loader_workers", self.loader_workers, minimum=0, hint="0 loads in the main process"
+        ))
         autocast_dtype(self.autocast)  # raises on a bad name
 
     @property
@@ -139,8 +137,7 @@ def build_cifar_workload(recipe: Recipe, options: CifarOptions) -> Workload:
         return augmented_batch(images, labels, indices, generator, normalise)
 
     def epoch_batches(batch_size: int, device: torch.device, seed: int) -> Iterator[CifarBatch]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise UsageError(f"batch_size={batch_size!r} must be a positive integer")
+        batch_size = require_int("batch_size", batch_size)
         if batch_size > source.train_size:
             raise UsageError(
                 f"batch_size={batch_size} exceeds the {source.train_size} training examples, so "
@@ -249,8 +246,5 @@ def _epoch(
         )
 
 
-def _check_size(name: str, value: Any, maximum: int) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise UsageError(f"{name}={value!r} must be an integer from 1 to {maximum}")
+def _check_size(name: str, value: Any, maximum: int) -> int | None:
+    return None if value is None else require_int(name, value, maximum=maximum)

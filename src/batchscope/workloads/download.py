@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from batchscope.atomic import atomic_output
 from batchscope.errors import DataNotFoundError
-from batchscope.workloads.atomic_files import atomic_output
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 OFFICIAL_NAME = "cifar-10-binary.tar.gz"
@@ -28,7 +28,7 @@ def download_file(url: str, destination: Path, md5: str | None, timeout_s: float
     digest = hashlib.md5(usedforsecurity=False)
     try:
         with (
-            atomic_output(destination) as out,
+            atomic_output(destination, "wb") as out,
             urllib.request.urlopen(url, timeout=timeout_s) as response,
         ):
             while chunk := response.read(_CHUNK_BYTES):

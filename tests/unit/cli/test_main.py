@@ -76,3 +76,33 @@ def test_errors_in_user_code_keep_their_traceback(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError, match="inside the user's factory"):
         run(["tune", "-w", "crashing_workload:make"])
     sys.modules.pop("crashing_workload", None)
+
+
+def test_a_probe_that_finds_nothing_is_one_line_with_exit_code_1(tmp_path, monkeypatch, capsys):
+    # A budget of 1 KiB fits nothing: an answer about the machine, not a usage error or a bug.
+    (tmp_path / "tiny_workload.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        from batchscope import Workload
+
+        def make():
+            return Workload(
+                name="tiny", build_model=lambda d: nn.Linear(64, 2).to(d),
+                build_optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr),
+                loss=lambda m, b: m(b).sum(),
+                make_batch=lambda b, d, g: torch.randn(b, 64, generator=g).to(d),
+                reference_batch_size=8, reference_lr=0.1)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = _run(capsys, "probe", "memory", "-w", "tiny_workload:make", "--device", "cpu",
+                          "--memory-budget", "1KiB")
+    sys.modules.pop("tiny_workload", None)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: not even batch size")
+
+
+def test_console_text_from_runs_is_printed_verbatim_not_as_markup(capsys):
+    from batchscope.cli.common import console
+
+    console.print("[enforce fail at alloc_cpu.cpp:127] and a stray [/x]")
+    assert capsys.readouterr().out.strip() == "[enforce fail at alloc_cpu.cpp:127] and a stray [/x]"

@@ -23,12 +23,6 @@ from batchscope.probes.throughput import geometric_grid, measure_throughput
 from batchscope.record import to_jsonable
 from batchscope.workload import Workload
 
-# Real sleeps on a shared 2-core machine: the measured rate can only be lower than the true one
-# (sleep never returns early); scheduling delay on a loaded machine lowers it further.
-LOW_TOLERANCE = 0.7
-HIGH_TOLERANCE = 1.03
-
-
 class SimulatedClock:
     """A clock that moves only when told to."""
 
@@ -131,15 +125,18 @@ def test_samples_per_s_is_the_known_rate_exactly_on_a_simulated_clock():
         assert point.timed_steps == 5 and point.warmup_steps == 1
 
 
-def test_samples_per_s_matches_real_sleeps_within_tolerance():
+def test_the_real_clock_path_sees_real_sleeps():
+    # The exact answers are checked on the simulated clock above; on the real clock only what a
+    # loaded CI machine cannot blur is asserted: a 17x difference in throughput, and the
+    # bookkeeping identities.
     a, b = 0.03, 0.0001
     result = measure_throughput(timed_workload(TimedLoss(a, b)), batch_sizes=[8, 256],
                                 device="cpu", warmup_steps=1, timed_steps=3, data_path=False)
+    small, large = result.points
+    assert large.samples_per_s > 5 * small.samples_per_s
     for point in result.points:
-        expected = point.batch_size / (a + b * point.batch_size)
-        assert LOW_TOLERANCE * expected <= point.samples_per_s <= HIGH_TOLERANCE * expected
         assert point.step_s * point.samples_per_s == pytest.approx(point.batch_size)
-        assert point.data_s < 0.001 < point.compute_s
+        assert point.compute_s >= a  # a sleep never takes less than asked
 
 
 def test_knee_and_best_are_the_known_answer():
@@ -258,16 +255,16 @@ def test_a_slow_data_loader_is_flagged_with_its_numbers():
 
 
 def test_a_slow_data_loader_is_flagged_with_real_sleeps():
+    # Loading takes 3x the compute: flagged however loaded the machine is (exact numbers are
+    # checked on the simulated clock above).
     compute, loading = 0.02, 0.06
     workload = timed_workload(TimedLoss(compute, 0.0), data_loader=timed_loader(loading))
     result = measure_throughput(workload, device="cpu", batch_sizes=[32], warmup_steps=1,
                                 timed_steps=3)
     (check,) = result.input_pipeline.checks
     assert check.bottleneck
-    expected = 32 / (compute + loading)
-    assert LOW_TOLERANCE * expected <= check.pipeline_samples_per_s <= HIGH_TOLERANCE * expected
-    assert check.data_s == pytest.approx(loading, rel=0.3)
-    assert check.data_wait_fraction == pytest.approx(loading / (compute + loading), abs=0.1)
+    assert check.data_s >= loading
+    assert check.pipeline_samples_per_s < check.compute_samples_per_s
 
 
 @pytest.mark.parametrize(("loading", "bottleneck"), [(0.0, False), (0.001, False),

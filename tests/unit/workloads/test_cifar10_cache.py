@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from batchscope.workloads import cifar10_data
-from batchscope.workloads.atomic_files import atomic_output
+from batchscope.atomic import atomic_output
 from batchscope.workloads.cifar10_archives import CifarArrays
 from batchscope.workloads.cifar10_data import cache_file_for, load_cifar10, read_cache, write_cache
 
@@ -41,7 +41,7 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "c.npz"
     write_cache(target, _arrays(seed=1))
     with pytest.raises(RuntimeError):
-        with atomic_output(target) as handle:
+        with atomic_output(target, "wb") as handle:
             handle.write(b"half a file")
             raise RuntimeError("crash mid-write")
     assert _equal(read_cache(target), _arrays(seed=1))
