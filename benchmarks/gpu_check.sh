@@ -54,6 +54,7 @@ SWEEP_BATCHES=${SWEEP_BATCHES:-128,256,512,1024,2048,4096}
 TAIL_LINES=${TAIL_LINES:-24}
 
 export PYTHONUNBUFFERED=1
+export COLUMNS=${COLUMNS:-160}  # rich tables in the logs are not cut to 80 columns
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -f "$ROOT/.data/cifar10-jpg.tar.xz" ]]; then
     export BATCHSCOPE_CIFAR10="$ROOT/.data/cifar10-jpg.tar.xz"

@@ -20,8 +20,9 @@ each run's wall clock (evaluations and its one untimed burn-in step included) is
 
 Target: the reference's final accuracy minus --tolerance (0.5 points). Printed side by side:
 final and best accuracy, training and wall seconds, samples/s, and when each run first reached
-the target. The issue's bar: tuning time + the recommended run's time to the target is below
-the reference run's total training time (ratio < 1). --out writes everything as JSON, rewritten
+the target. The issue's bar: the recommendation reaches the target at least 2.5x sooner than the
+reference does, tuning time included: reference time to target / (tuning + recommended time to
+target) >= 2.5. The ratio against the reference's whole run is printed too. --out writes everything as JSON, rewritten
 after each stage so that a run cut short keeps what it measured.
 
 Before anything is timed, one untimed training step at the reference batch pays the process's
@@ -70,6 +71,9 @@ GPU = Setup("resnet18-cifar10", {}, epochs=30, budget_s=120.0, device="cuda")
 SMOKE = Setup("small-cnn-cifar10", {"train_size": 1024, "test_size": 256}, epochs=1,
               budget_s=20.0, device="cpu")
 
+
+# The tune issue: the recommendation reaches the target at least 2.5x sooner, tuning included.
+SPEEDUP_BAR = 2.5
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -240,15 +244,20 @@ def _summarise(recommended: TrialRecord, reference: TrialRecord,
         return summary
     tuned_total = tune_seconds + recommended.time_to_target
     ratio = tuned_total / reference_total if reference_total > 0 else None
+    # The reference's own time to the target (its final accuracy minus the tolerance).
+    reference_to_target = reference.time_to_target or reference_total
+    speedup = reference_to_target / tuned_total if tuned_total > 0 else None
     summary.update({
         "tuned_time_to_target": tuned_total,
         "ratio_vs_reference_total": ratio,
         "ratio_without_tuning": recommended.time_to_target / reference_total
         if reference_total > 0 else None,
-        "meets_bar": ratio is not None and ratio < 1.0,
+        "speedup_to_target_tuning_included": speedup,
+        "meets_bar": speedup is not None and speedup >= SPEEDUP_BAR,
     })
-    summary["verdict"] = (f"tune + recommended run reach {target:.2%} in {tuned_total:.1f} s = "
-                          f"{ratio:.2f}x the reference's {reference_total:.1f} s")
+    summary["verdict"] = (f"tune + recommended run reach {target:.2%} in {tuned_total:.1f} s; the "
+                          f"reference needs {reference_to_target:.1f} s: {speedup:.2f}x sooner "
+                          f"(bar {SPEEDUP_BAR:g}x)")
     return summary
 
 
@@ -310,8 +319,9 @@ def _print_table(runs: dict[str, TrialRecord], summary: dict[str, Any], workload
     ratio = summary.get("ratio_vs_reference_total")
     if ratio is not None:
         print(f"ratio (tuning + recommended to target) / reference total training: {ratio:.2f}x "
-              f"(without tuning {summary['ratio_without_tuning']:.2f}x); bar < 1.00x: "
-              f"{'yes' if summary['meets_bar'] else 'NO'}")
+              f"(without tuning {summary['ratio_without_tuning']:.2f}x)")
+        print(f"speed-up to target, tuning included: {summary['speedup_to_target_tuning_included']:.2f}x; "
+              f"bar >= {SPEEDUP_BAR:g}x: {'yes' if summary['meets_bar'] else 'NO'}")
     print(summary["verdict"])
     if summary["recommended_warmup_steps_planned"] != summary["recommended_warmup_steps_trained"]:
         print(f"note: the recommendation planned {summary['recommended_warmup_steps_planned']} "

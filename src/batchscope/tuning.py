@@ -51,6 +51,8 @@ NOISE_SHARE = 0.60  # of the remainder, after the training steps' share
 NOISE_TRAIN_SHARE = 0.35
 MAX_ACCUMULATION = 16
 NOISE_ACCUMULATION = 4  # micro-batches per noise sample: small batch b, big batch 4b
+# Building the model, a fresh optimizer and first-use imports inside the noise probe.
+NOISE_FIXED_S = 3.0
 # Beyond ~200 samples the interval narrows slowly (1/sqrt(n)) while the cost grows linearly.
 MAX_NOISE_SAMPLES = 200
 # "examples" target: batches whose examples-to-target stay within 10% of the minimum,
@@ -259,14 +261,19 @@ def _noise_plan(workload: Workload, model: Any, remaining_s: float, limit: int) 
     """
     reference = workload.reference_batch_size
     fitting = min(reference, limit)
-    per_step = float(model.step_seconds(fitting)) * math.ceil(reference / fitting)
-    step_s = per_step * 1.3  # + gradient norms and copies
-    if not math.isfinite(step_s) or step_s <= 0:
+    # A training step at the reference batch (accumulated when it does not fit) ...
+    train_step_s = float(model.step_seconds(fitting)) * math.ceil(reference / fitting)
+    # ... and a noise sample: NOISE_ACCUMULATION backward passes at the micro-batch, each
+    # followed by gradient-norm reductions (about half a step again on small models).
+    micro = min(max(1, reference // NOISE_ACCUMULATION), limit)
+    sample_s = float(model.step_seconds(micro)) * NOISE_ACCUMULATION * 1.5
+    if not (math.isfinite(train_step_s) and math.isfinite(sample_s)) or sample_s <= 0:
         return 0, 0
-    epoch_steps = (workload.dataset_size or 0) // workload.reference_batch_size
-    train_steps = int(min(epoch_steps or 200, (NOISE_TRAIN_SHARE * remaining_s) / step_s))
-    remaining_after_training = remaining_s - train_steps * step_s
-    samples = int(min(MAX_NOISE_SAMPLES, (NOISE_SHARE * remaining_after_training) / step_s))
+    usable_s = remaining_s - NOISE_FIXED_S
+    epoch_steps = (workload.dataset_size or 0) // reference
+    train_steps = int(min(epoch_steps or 200, max(0.0, NOISE_TRAIN_SHARE * usable_s) / train_step_s))
+    left_s = usable_s - train_steps * train_step_s
+    samples = int(min(MAX_NOISE_SAMPLES, max(0.0, NOISE_SHARE * left_s) / sample_s))
     return max(0, train_steps), samples
 
 

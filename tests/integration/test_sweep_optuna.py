@@ -86,41 +86,90 @@ def test_real_sweep_writes_everything_and_its_front_is_pareto_optimal(tmp_path, 
 
 CLI = "import typer; from batchscope.cli.sweep_cmd import command; typer.run(command)"
 
+# The sweep under test, as an entry point module the test writes: the small CNN whose loss, at
+# the 6th training step of the b64 trial (between its evaluations after steps 4 and 8), says so
+# in REACHED and then waits while BLOCK exists. Killed there, the process is certainly
+# mid-trial; without BLOCK (the resumed run) it trains straight through.
+BLOCKING_WORKLOAD = """
+import time
+from pathlib import Path
 
-def _sweep_process(out: Path) -> subprocess.Popen:
+from batchscope.workloads import get_workload
+
+REACHED = Path({reached!r})
+BLOCK = Path({block!r})
+BLOCK_AT_CALL = 7  # the b64 trial's burn-in step, then its training steps 1..6
+
+
+def workload():
+    base = get_workload("small-cnn-cifar10", train_size=1024, test_size=128)
+    calls = {{"b64": 0}}
+
+    def loss(model, batch):
+        if batch[1].shape[0] == 64:
+            calls["b64"] += 1
+            if calls["b64"] == BLOCK_AT_CALL and BLOCK.exists():
+                REACHED.touch()
+                deadline = time.monotonic() + 300  # never outlive a test that died
+                while BLOCK.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        return base.loss(model, batch)
+
+    return base.with_settings(loss=loss)
+"""
+
+
+def _sweep_process(out: Path, log: Path) -> subprocess.Popen:
     args = [
-        sys.executable, "-c", CLI, "-w", "small-cnn-cifar10", "-o", "train_size=1024",
-        "-o", "test_size=128", "-b", "32,64", "--epochs", "1", "--evals-per-epoch", "4",
-        "--no-pruning", "--out", str(out), "--study", "killed", "--device", "cpu", "--no-report",
+        sys.executable, "-c", CLI, "-w", "blocking_sweep:workload", "-b", "32,64", "--epochs", "1",
+        "--evals-per-epoch", "4", "--no-pruning", "--out", str(out / "sweep"), "--study", "killed",
+        "--device", "cpu", "--no-report",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    path = os.pathsep.join(p for p in (str(out), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    # stderr to a file: a pipe nobody reads while the test waits could fill and block the sweep
+    return subprocess.Popen(args, stderr=log.open("w"), stdout=subprocess.DEVNULL, env=env)
+
+
+def _wait_for(marker: Path, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the sweep ended (exit {process.returncode}) before blocking:\n{log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail("the sweep never reached the blocking step")
+        time.sleep(0.02)
 
 
 def test_resume_after_kill_9_loses_nothing_and_runs_nothing_twice(tmp_path):
-    process = _sweep_process(tmp_path)
+    reached, block = tmp_path / "reached", tmp_path / "block"
+    (tmp_path / "blocking_sweep.py").write_text(
+        BLOCKING_WORKLOAD.format(reached=str(reached), block=str(block))
+    )
+    block.touch()
+    first_log = tmp_path / "first.log"
+    process = _sweep_process(tmp_path, first_log)
     try:
-        for line in process.stderr:  # progress lines: kill once the 2nd trial is under way
-            if line.startswith("[b64-linear] epoch 0.25"):  # 12 of its 16 steps to go
-                break
-        else:
-            pytest.fail(f"the sweep ended before its second trial (exit {process.wait()})")
-        time.sleep(0.1)  # into training, away from the journal writes of the evaluation
-        assert process.poll() is None, "the sweep finished before it could be killed"
+        _wait_for(reached, process, first_log)  # now blocked inside the b64 trial's 6th step
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        assert process.wait() == -signal.SIGKILL
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    journal = tmp_path / "optuna-journal.log"
+    journal = tmp_path / "sweep" / "optuna-journal.log"
     killed = {books.trial_key(t): t.state for t in _journal_trials(journal, "killed")}
     assert killed == {"b32-linear": TrialState.COMPLETE, "b64-linear": TrialState.RUNNING}
+    assert "[b64-linear] epoch 0.25" in first_log.read_text()
+    assert "[b64-linear] epoch 0.5" not in first_log.read_text()
 
-    resumed = _sweep_process(tmp_path)
-    log = resumed.stderr.read()
-    assert resumed.wait() == 0, log
+    block.unlink()
+    resumed_log = tmp_path / "resumed.log"
+    resumed = _sweep_process(tmp_path, resumed_log)
+    assert resumed.wait(timeout=240) == 0, resumed_log.read_text()[-2000:]
+    log = resumed_log.read_text()
     assert "[b32-linear] epoch" not in log  # the finished point was not trained again
+    assert "[b64-linear] epoch 1" in log
 
     trials = _journal_trials(journal, "killed")
     by_key: dict[str, list] = {}
@@ -130,6 +179,6 @@ def test_resume_after_kill_9_loses_nothing_and_runs_nothing_twice(tmp_path):
         "b32-linear": [(TrialState.COMPLETE, "complete")],
         "b64-linear": [(TrialState.FAIL, "stale"), (TrialState.COMPLETE, "complete")],
     }
-    section = json.loads((tmp_path / "run.json").read_text())["sections"]["sweep"]
+    section = json.loads((tmp_path / "sweep" / "run.json").read_text())["sections"]["sweep"]
     assert sorted(t["key"] for t in section["trials"]) == ["b32-linear", "b64-linear"]
     assert all(len(t["curve"]) == 4 for t in section["trials"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import pytest
 import torch
 
@@ -41,3 +44,43 @@ def test_cpu_peak_memory_sees_a_real_allocation_and_resets():
     assert peak_with_block - baseline >= 0.95 * size
     # After the block is freed and the window reset, the peak no longer includes it.
     assert peak_after_reset < peak_with_block - 0.9 * size
+
+
+class RecordingLibc:
+    """Stands in for glibc behind ctypes: records the allocator calls batchscope makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+    def mallopt(self, option: int, value: int) -> int:
+        self.calls.append(("mallopt", option, value))
+        return 1
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    """Every libc handle device.py loads while the test runs is a RecordingLibc; the real
+    handle is loaded afresh afterwards."""
+    libc = RecordingLibc()
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libc.so.6")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    devices._libc.cache_clear()
+    yield libc
+    devices._libc.cache_clear()
+
+
+def test_release_memory_trims_but_changes_no_malloc_setting(fake_libc):
+    devices.release_memory(torch.device("cpu"))
+    devices.release_memory(torch.device("cpu"))
+    assert fake_libc.calls == [("malloc_trim", 0), ("malloc_trim", 0)]
+
+
+@pytest.mark.skipif(not devices.supports_peak_reset(torch.device("cpu")), reason="needs Linux clear_refs")
+def test_opening_a_cpu_peak_window_fixes_the_mmap_threshold(fake_libc):
+    devices.reset_peak_memory(torch.device("cpu"))
+    m_mmap_threshold = -3  # glibc <malloc.h>
+    assert fake_libc.calls == [("mallopt", m_mmap_threshold, 256 * 1024), ("malloc_trim", 0)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -56,3 +57,21 @@ def test_other_versions_and_non_records_are_refused(tmp_path):
         RunRecord.load(path)
     with pytest.raises(UsageError, match="does not exist"):
         RunRecord.load(tmp_path / "missing.json")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_saved_record_is_readable_by_others_like_any_file(tmp_path):
+    # mkstemp's private 0o600 must not leak into the record: umask 022 -> 0o644.
+    previous = os.umask(0o022)
+    try:
+        path = _record().save(tmp_path / "run.json")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_write_text_atomic_is_still_importable_from_record(tmp_path):
+    from batchscope.record import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "trials.csv", "a,b\n1,2\n")
+    assert path.read_text() == "a,b\n1,2\n"

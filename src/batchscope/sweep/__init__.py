@@ -5,19 +5,22 @@
     result.table()        # one row per trial
 """
 
-from batchscope.sweep.api import sweep
+from batchscope.sweep.api import DEFAULT_OUT_DIR, sweep
 from batchscope.sweep.grid import GridPoint, SearchSpace, expand_lr_rules, parse_batch_sizes
-from batchscope.sweep.results import SweepResult, pareto_front
+from batchscope.sweep.results import SweepResult, SweepTrialsFailed, TrialFailure, pareto_front
 from batchscope.sweep.schedule import LrSchedule, plan_schedule
 from batchscope.sweep.trial import run_trial
 from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings
 
 __all__ = [
+    "DEFAULT_OUT_DIR",
     "EvalPoint",
     "GridPoint",
     "LrSchedule",
     "SearchSpace",
     "SweepResult",
+    "SweepTrialsFailed",
+    "TrialFailure",
     "TrialRecord",
     "TrialSettings",
     "expand_lr_rules",

@@ -9,6 +9,7 @@ size, and the Pareto front of time vs quality.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,23 +17,58 @@ import torch
 
 from batchscope import device as devices
 from batchscope.errors import UsageError
-from batchscope.guard import StateGuard
 from batchscope.record import environment_info
 from batchscope.sweep.grid import (
     MODES,
+    GridPoint,
     SearchSpace,
     expand_lr_rules,
     grid_points,
     validate_batch_sizes,
 )
 from batchscope.sweep.output import predicted_from_record, write_outputs
-from batchscope.sweep.results import SweepResult
+from batchscope.sweep.results import SweepResult, SweepTrialsFailed, TrialFailure
 from batchscope.sweep.trial import run_trial
 from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings
 from batchscope.workload import Workload, resolve_workload
 
 BACKENDS = ("optuna", "ray")
+DEFAULT_OUT_DIR = "batchscope-sweep"
+"""Where a sweep writes when no `out_dir` is given: this folder in the current directory."""
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything a backend needs to run one sweep, validated and resolved by `sweep()`."""
+
+    workload: Workload
+    source: str | Workload
+    """What the caller passed: a name or entry point is resolved again in each Ray worker."""
+    workload_options: dict[str, Any]
+    settings: TrialSettings
+    points: list[GridPoint] | None
+    """Grid mode: every point; None in search mode."""
+    space: SearchSpace | None
+    """Search mode: the ranges; None in grid mode."""
+    n_trials: int | None
+    device: torch.device
+    out_dir: Path
+    study_name: str
+    storage: str | None
+    pruning: bool
+    config: dict[str, Any]
+    """What must match for a resumed study's trials to be comparable."""
+    progress: Progress | None
+    heartbeat_interval: float
+    ray_address: str | None
+
+
+@dataclass
+class BackendRun:
+    records: list[TrialRecord]
+    early_stopping: dict[str, Any]
+    failures: list[TrialFailure]
 
 
 def sweep(
@@ -45,7 +81,7 @@ def sweep(
     study_name: str | None = None,
     backend: str = "optuna",
     device: str | torch.device | None = None,
-    out_dir: str | os.PathLike[str] = "batchscope-sweep",
+    out_dir: str | os.PathLike[str] = DEFAULT_OUT_DIR,
     pruning: bool = True,
     mode: str = "grid",
     n_trials: int | None = None,
@@ -73,6 +109,11 @@ def sweep(
             file path, or an RDB URL (e.g. postgresql://...) that workers on many machines share.
         study_name: the study to create or resume (default `<workload>-<mode>`).
         backend: "optuna" (this process runs trials) or "ray" (Ray Tune, one trial per GPU).
+            A Ray trial that raises does not stop the others: their results are written, then
+            `SweepTrialsFailed` names the failures, and rerunning the sweep runs only those.
+        out_dir: where the record, CSV, report and resume state go; default
+            `batchscope-sweep` in the current directory. Rerunning with the same `out_dir`
+            and `study_name` resumes the sweep.
         pruning: stop hopeless trials early (successive halving / ASHA on the samples grid).
         mode: "grid" (batch sizes x rules) or "search" (TPE over batch size and LR ranges).
         n_trials: trials to finish in search mode.
@@ -102,49 +143,58 @@ def sweep(
         )
     sizes = validate_batch_sizes(batch_sizes, resolved.dataset_size)
     settings = TrialSettings(epochs, evals_per_epoch, seed, target_metric, warmup_epochs)
-    torch_device = devices.resolve_device(device)
-    out = Path(out_dir)
-    name = study_name or f"{resolved.name}-{mode}"
     predicted = _predicted(predicted_batch_size)
     space = (
         SearchSpace.around(sizes, resolved.reference_batch_size, resolved.reference_lr)
         if mode == "search"
         else None
     )
-    points = grid_points(sizes, rules) if space is None else None
-    config = _study_config(resolved, settings, mode, space)
-
-    if backend == "optuna":
-        records, early_stopping = _run_optuna(
-            resolved, points, space, n_trials, settings, torch_device, out, name, storage,
-            pruning, config, progress, heartbeat_interval,
-        )
-    else:
-        records, early_stopping = _run_ray(
-            workload, workload_options, resolved, points, space, n_trials, settings,
-            torch_device, out, name, pruning, progress, ray_address,
-        )
+    plan = SweepPlan(
+        workload=resolved,
+        source=workload,
+        workload_options=dict(workload_options or {}),
+        settings=settings,
+        points=grid_points(sizes, rules) if space is None else None,
+        space=space,
+        n_trials=n_trials,
+        device=devices.resolve_device(device),
+        out_dir=Path(out_dir),
+        study_name=study_name or f"{resolved.name}-{mode}",
+        storage=storage,
+        pruning=pruning,
+        config=_study_config(resolved, settings, mode, space),
+        progress=progress,
+        heartbeat_interval=heartbeat_interval,
+        ray_address=ray_address,
+    )
+    run = _run_optuna(plan) if backend == "optuna" else _run_ray(plan)
     result = SweepResult.build(
-        records,
+        run.records,
         higher_is_better=resolved.higher_is_better,
         target_metric=target_metric,
         metric_name=resolved.metric_name,
-        config={**config, "backend": backend, "study": name, "lr_rules": rules,
-                "batch_sizes": sizes, "pruning": pruning, "early_stopping": early_stopping,
-                "n_trials": n_trials, "storage": _storage_label(storage, backend, out)},
+        config={**plan.config, "backend": backend, "study": plan.study_name, "lr_rules": rules,
+                "batch_sizes": sizes, "pruning": pruning, "early_stopping": run.early_stopping,
+                "n_trials": n_trials, "storage": _storage_label(plan, backend)},
         predicted_batch_size=predicted,
     )
-    if points is not None:
-        missing = sorted({p.key for p in points} - {t.key for t in result.trials})
+    failed = {failure.key for failure in run.failures}
+    for failure in run.failures:
+        result.notes.append(f"Trial {failure.key} failed ({failure.error}); rerunning the sweep runs it again.")
+    if plan.points is not None:
+        finished = {t.key for t in result.trials}
+        missing = sorted({p.key for p in plan.points} - finished - failed)
         if missing:
             result.notes.append(
                 f"{len(missing)} grid point(s) not finished by this worker (still running on "
                 f"another worker, or interrupted): {', '.join(missing)}"
             )
     write_outputs(
-        result, out, workload=resolved.describe(), environment=environment_info(torch_device),
-        report=report,
+        result, plan.out_dir, workload=resolved.describe(),
+        environment=environment_info(plan.device), report=report,
     )
+    if run.failures:
+        raise SweepTrialsFailed(result, run.failures)
     return result
 
 
@@ -154,8 +204,8 @@ def trial_runner(
     device: torch.device,
     progress: Progress | None,
 ) -> Callable[..., TrialRecord]:
-    """(point, on_eval) -> record, with the process's RNG states restored afterwards and a
-    progress line after each evaluation."""
+    """(point, on_eval) -> record, with a progress line after each evaluation (run_trial itself
+    leaves the workload's model and the process's RNG states as they were)."""
 
     def run(point: Any, on_eval: Callable[[EvalPoint, TrialRecord], bool]) -> TrialRecord:
         def hook(evaluation: EvalPoint, record: TrialRecord) -> bool:
@@ -167,8 +217,7 @@ def trial_runner(
                 )
             return on_eval(evaluation, record)
 
-        with StateGuard(rng=True):
-            record = run_trial(workload, point, settings, device, hook)
+        record = run_trial(workload, point, settings, device, hook)
         if progress is not None:
             progress(f"[{record.key}] {record.outcome}: final {workload.metric_name} {record.final_metric}")
         return record
@@ -176,68 +225,76 @@ def trial_runner(
     return run
 
 
-def _run_optuna(
-    workload: Workload, points, space, n_trials, settings, device, out, name, storage,  # noqa: ANN001
-    pruning: bool, config: dict[str, Any], progress: Progress | None, heartbeat_interval: float,
-) -> tuple[list[TrialRecord], dict[str, Any]]:
-    from batchscope.sweep.optuna_backend import OptunaOptions, OptunaSweep, open_storage, open_study
+def _run_optuna(plan: SweepPlan) -> BackendRun:
+    from batchscope.sweep.optuna_backend import (
+        OptunaOptions,
+        OptunaSweep,
+        close_storage,
+        open_storage,
+        open_study,
+    )
 
-    shared = storage is not None and "://" in storage
+    settings = plan.settings
+    shared = plan.storage is not None and "://" in plan.storage
     options = OptunaOptions(
-        study_name=name,
-        storage=storage,
-        pruning=pruning,
+        study_name=plan.study_name,
+        storage=plan.storage,
+        pruning=plan.pruning,
         # The first pruning decision after one epoch (or half of a one-epoch trial): earlier,
         # every curve is still mostly warmup and noise.
         min_resource=settings.evals_per_epoch if settings.epochs > 1 else 1,
-        heartbeat_interval=heartbeat_interval,
-        grace_seconds=max(60.0, 6 * heartbeat_interval),
+        heartbeat_interval=plan.heartbeat_interval,
+        grace_seconds=max(60.0, 6 * plan.heartbeat_interval),
         # Workers sharing a database would draw the same "random" start points from one seed.
         sampler_seed=None if shared else settings.seed,
     )
-    opened = open_storage(storage, out)
-    study = open_study(
-        opened, options, higher_is_better=workload.higher_is_better, config=config,
-        search=space is not None,
-    )
-    worker = OptunaSweep(study, opened, options)
-    runner = trial_runner(workload, settings, device, progress)
     early_stopping: dict[str, Any] = (
         {"name": "SuccessiveHalving", "step": "evaluation index",
          "min_resource": options.min_resource, "reduction_factor": 3}
-        if pruning else {"name": "none"}
+        if plan.pruning else {"name": "none"}
     )
-    if space is None:
-        worker.run_grid(points, runner)
-        return worker.records({p.key for p in points}), early_stopping
-    worker.run_search(space, n_trials, runner)
-    return worker.records(), early_stopping
+    opened = open_storage(plan.storage, plan.out_dir)
+    try:
+        study = open_study(
+            opened, options, higher_is_better=plan.workload.higher_is_better, config=plan.config,
+            search=plan.space is not None,
+        )
+        worker = OptunaSweep(study, opened, options)
+        runner = trial_runner(plan.workload, settings, plan.device, plan.progress)
+        if plan.space is not None:
+            worker.run_search(plan.space, int(plan.n_trials or 0), runner)
+            records = worker.records()
+        else:
+            points = plan.points or []
+            worker.run_grid(points, runner)
+            records = worker.records({p.key for p in points})
+    finally:
+        close_storage(opened)
+    return BackendRun(records, early_stopping, [])
 
 
-def _run_ray(
-    workload: str | Workload, workload_options, resolved: Workload, points, space, n_trials,  # noqa: ANN001
-    settings: TrialSettings, device: torch.device, out: Path, name: str, pruning: bool,
-    progress: Progress | None, address: str | None,
-) -> tuple[list[TrialRecord], dict[str, Any]]:
+def _run_ray(plan: SweepPlan) -> BackendRun:
     from batchscope.sweep.ray_backend import RaySweepSpec, run_ray_sweep, scheduler_description
 
     spec = RaySweepSpec(
         # A name or entry point is resolved again inside each Ray worker (its own data cache);
         # a Workload object travels pickled.
-        workload=workload if isinstance(workload, str) else resolved,
-        workload_options=dict(workload_options or {}),
-        settings=settings,
-        points=points,
-        space=space,
-        n_trials=n_trials,
-        device=device,
-        pruning=pruning,
-        higher_is_better=resolved.higher_is_better,
-        storage_dir=out / "ray",
-        name=name,
-        address=address,
+        workload=plan.source if isinstance(plan.source, str) else plan.workload,
+        workload_options=plan.workload_options,
+        settings=plan.settings,
+        points=plan.points,
+        space=plan.space,
+        n_trials=plan.n_trials,
+        device=plan.device,
+        pruning=plan.pruning,
+        higher_is_better=plan.workload.higher_is_better,
+        storage_dir=plan.out_dir / "ray",
+        name=plan.study_name,
+        address=plan.ray_address,
+        config=plan.config,
     )
-    return run_ray_sweep(spec, progress), scheduler_description(spec)
+    run = run_ray_sweep(spec, plan.progress)
+    return BackendRun(run.records, scheduler_description(spec), run.failures)
 
 
 def _study_config(
@@ -272,11 +329,11 @@ def _predicted(value: int | str | os.PathLike[str] | None) -> int | None:
     return predicted_from_record(text)
 
 
-def _storage_label(storage: str | None, backend: str, out: Path) -> str:
+def _storage_label(plan: SweepPlan, backend: str) -> str:
     if backend == "ray":
-        return str(out / "ray")
+        return str(plan.out_dir / "ray")
     from batchscope.sweep.optuna_backend import JOURNAL_NAME, redact_url
 
-    if storage is None:
-        return str(out / JOURNAL_NAME)
-    return redact_url(storage)
+    if plan.storage is None:
+        return str(plan.out_dir / JOURNAL_NAME)
+    return redact_url(plan.storage)

@@ -22,6 +22,7 @@ the point is simply queued again by the next reconciliation.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -47,6 +48,8 @@ FINISHED_OUTCOMES = OUTCOMES
 RETRY_OUTCOMES = ("stale", "error", "interrupted")
 """A trial that ended like this measured nothing usable; its point is queued again."""
 DUPLICATE = "duplicate"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,6 @@ class Heartbeat:
         while not self._stop.wait(self._interval):
             try:
                 self._storage.set_trial_system_attr(self._trial_id, HEARTBEAT, time.time())
-            except Exception:  # noqa: BLE001 - a missed beat must not kill the trial;
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the trial;
                 # a worker that cannot reach storage for a whole grace period is stale anyway.
-                continue
+                logger.debug("heartbeat of trial %s not written: %r", self._trial_id, exc)

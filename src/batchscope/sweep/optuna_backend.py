@@ -24,6 +24,7 @@ from batchscope.record import to_jsonable
 from batchscope.sweep import bookkeeping as books
 from batchscope.sweep.grid import SEARCH_RULE, GridPoint, SearchSpace
 from batchscope.sweep.trial_record import EvalPoint, TrialRecord
+from batchscope.sweep.trial_store import refuse_changed_settings
 
 JOURNAL_NAME = "optuna-journal.log"
 CONFIG_ATTR = "batchscope.config"
@@ -69,6 +70,15 @@ def open_storage(storage: str | None, out_dir: Path) -> BaseStorage:
     raise UsageError(f"cannot open storage {redact_url(storage)}: {last_error}") from last_error
 
 
+def close_storage(storage: BaseStorage) -> None:
+    """Close the database connections an RDB storage pools. Its SQLAlchemy engine keeps them
+    open until disposed, which garbage collection does not do: a long-lived process running
+    sweep after sweep would hold a pool of idle server connections for each."""
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.remove_session()
+        storage.engine.dispose()
+
+
 def open_study(
     storage: BaseStorage,
     options: OptunaOptions,
@@ -99,12 +109,8 @@ def open_study(
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:
         study.set_user_attr(CONFIG_ATTR, expected)
-    elif stored != expected:
-        changed = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
-        raise UsageError(
-            f"study {options.study_name!r} was run with different settings ({', '.join(changed)}); "
-            f"resume it with the same settings or pass a new --study name"
-        )
+    else:
+        refuse_changed_settings(options.study_name, stored, expected)
     return study
 
 

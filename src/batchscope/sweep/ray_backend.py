@@ -6,6 +6,12 @@ trial's record so far; the last report of each trial becomes its TrialRecord. A 
 stopped before the end of its budget is "pruned" and, like every trial that did not run its
 full budget, stays off the Pareto front.
 
+Resume without unpickling: the driver saves each trial's record as plain JSON the moment Ray
+reports the trial finished (see trial_store.py); running the same study again skips those
+points. A trial that raised is collected as a failure, not raised at once, so the other trials'
+results are kept and written; the sweep raises afterwards, naming every failure, and a rerun
+runs only the failed points.
+
 Ray is optional (`pip install batchscope[ray]`) and imported only here, only when used.
 """
 
@@ -15,7 +21,7 @@ import contextlib
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +30,9 @@ import torch
 from batchscope.errors import UsageError
 from batchscope.record import to_jsonable
 from batchscope.sweep.grid import SEARCH_RULE, GridPoint, SearchSpace
+from batchscope.sweep.results import TrialFailure
 from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings, summarise
+from batchscope.sweep.trial_store import TrialStore
 from batchscope.workload import Workload
 
 RAY_HINT = "the ray backend needs Ray Tune: pip install 'batchscope[ray]'"
@@ -46,6 +54,61 @@ class RaySweepSpec:
     storage_dir: Path
     name: str
     address: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    """What must match for a rerun to reuse saved trials (the Optuna study's config)."""
+
+    @property
+    def records_dir(self) -> Path:
+        return self.storage_dir / "records" / self.name
+
+
+@dataclass
+class RaySweepRun:
+    records: list[TrialRecord]
+    """Finished trials: saved by an earlier run or by this one."""
+    failures: list[TrialFailure]
+    """Trials that raised (or ended without a final report) in this run; they run again next time."""
+
+
+@dataclass(frozen=True)
+class RemainingWork:
+    """What a run of the study still has to train, given the records saved so far."""
+
+    points: list[GridPoint] | None
+    """Grid mode: the points without a saved record, in grid order."""
+    samples: int
+    """How many Ray trials to launch."""
+    kept: list[TrialRecord]
+    """Saved records this sweep reports."""
+    search_seed: int
+    history: list[tuple[dict[str, Any], float]]
+    """Search mode: (params, final metric) of saved full-budget trials, told to the sampler."""
+
+
+def remaining_work(spec: RaySweepSpec, saved: list[TrialRecord]) -> RemainingWork:
+    if spec.space is None:
+        if spec.points is None:
+            raise ValueError("a grid sweep needs its points")
+        wanted = {p.key for p in spec.points}
+        kept = [r for r in saved if r.key in wanted]
+        done = {r.key for r in kept}
+        points = [p for p in spec.points if p.key not in done]
+        return RemainingWork(points, len(points), kept, spec.settings.seed, [])
+    kept = [r for r in saved if r.lr_rule == SEARCH_RULE]
+    history = [
+        ({"batch_size": r.batch_size, "learning_rate": r.learning_rate}, float(r.final_metric))
+        for r in kept
+        if r.full_budget and r.final_metric is not None and math.isfinite(r.final_metric)
+    ]
+    return RemainingWork(
+        points=None,
+        samples=max(0, int(spec.n_trials or 0) - len(kept)),
+        kept=kept,
+        # The sampler's random start points come from its seed alone: with the first run's
+        # seed a resumed search would draw (and train) the points it already has.
+        search_seed=spec.settings.seed + len(kept),
+        history=history,
+    )
 
 
 def import_ray() -> Any:
@@ -57,64 +120,113 @@ def import_ray() -> Any:
     return ray
 
 
-def run_ray_sweep(spec: RaySweepSpec, progress: Callable[[str], None] | None = None) -> list[TrialRecord]:
-    """Run every grid point (or `n_trials` searched points) as Ray Tune trials."""
+def run_ray_sweep(spec: RaySweepSpec, progress: Callable[[str], None] | None = None) -> RaySweepRun:
+    """Run every grid point (or `n_trials` searched points) not finished by an earlier run as
+    Ray Tune trials; trial errors are returned as failures, not raised."""
+    store = TrialStore(spec.records_dir, spec.name)
+    store.check_config(spec.config)
+    work = remaining_work(spec, store.load())
+    if work.samples == 0:
+        return RaySweepRun(work.kept, [])  # nothing left: not even Ray is started
     ray = import_ray()
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=spec.address, include_dashboard=False, log_to_driver=False)
     try:
-        use_gpu = spec.device.type == "cuda"
-        payload = {
-            "workload": spec.workload,
-            "workload_options": spec.workload_options,
-            "settings": spec.settings.to_dict(),
-            "device": "cuda" if use_gpu else str(spec.device),
-            "higher_is_better": spec.higher_is_better,
-        }
-        trainable = tune.with_resources(
-            tune.with_parameters(_ray_trial, payload=payload),
-            {"gpu": 1, "cpu": 1} if use_gpu else {"cpu": 1},
-        )
-        mode = "max" if spec.higher_is_better else "min"
-        scheduler = (
-            ASHAScheduler(time_attr=TIME_ATTR, **scheduler_settings(spec.settings))
-            if spec.pruning
-            else FIFOScheduler()
-        )
-        param_space, search_alg, samples = _search_setup(spec, tune)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode=mode, scheduler=scheduler, search_alg=search_alg,
-                num_samples=samples,
-            ),
-            run_config=tune.RunConfig(
-                name=spec.name,
-                storage_path=str(spec.storage_dir.resolve()),
-                verbose=0,
-            ),
-        )
-        # Tune prints its configuration box and status tables on stdout, which belongs to the
-        # command's own output (--json): send them to stderr with the other logs.
-        with contextlib.redirect_stdout(sys.stderr):
-            results = tuner.fit()
-        records = []
-        for result in results:
-            if result.error is not None:
-                raise result.error
-            records.append(merge_result(result.metrics or {}, spec.settings, spec.higher_is_better))
-            if progress is not None:
-                record = records[-1]
-                progress(f"[{record.key}] {record.outcome}: final metric {record.final_metric}")
-        return records
+        results = _fit(spec, work, store)
     finally:
         if started_here:
             ray.shutdown()
+    saved = {r.key: r for r in store.load()}
+    records = {r.key: r for r in work.kept}
+    failures = []
+    for result in results:
+        key = _result_key(result.config or {})
+        if result.error is not None:
+            failures.append(TrialFailure(key, describe_error(result.error)))
+        elif key not in saved:
+            failures.append(TrialFailure(key, "ended without a final report (it trained zero evaluations)"))
+        else:
+            record = records[key] = saved[key]
+            if progress is not None:
+                progress(f"[{record.key}] {record.outcome}: final metric {record.final_metric}")
+    return RaySweepRun(list(records.values()), failures)
+
+
+def _fit(spec: RaySweepSpec, work: RemainingWork, store: TrialStore) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    use_gpu = spec.device.type == "cuda"
+    payload = {
+        "workload": spec.workload,
+        "workload_options": spec.workload_options,
+        "settings": spec.settings.to_dict(),
+        "device": "cuda" if use_gpu else str(spec.device),
+        "higher_is_better": spec.higher_is_better,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(_ray_trial, payload=payload),
+        {"gpu": 1, "cpu": 1} if use_gpu else {"cpu": 1},
+    )
+    scheduler = (
+        ASHAScheduler(time_attr=TIME_ATTR, **scheduler_settings(spec.settings))
+        if spec.pruning
+        else FIFOScheduler()
+    )
+    param_space, search_alg = _search_setup(spec, work, tune)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max" if spec.higher_is_better else "min", scheduler=scheduler,
+            search_alg=search_alg, num_samples=1 if work.points is not None else work.samples,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=str(spec.storage_dir.resolve()),
+            verbose=0,
+            callbacks=[_record_saver(store, spec.settings, spec.higher_is_better)],
+        ),
+    )
+    # Tune prints its configuration box and status tables on stdout, which belongs to the
+    # command's own output (--json): send them to stderr with the other logs.
+    with contextlib.redirect_stdout(sys.stderr):
+        return tuner.fit()
+
+
+def _record_saver(store: TrialStore, settings: TrialSettings, higher_is_better: bool) -> Any:
+    """A Tune callback that saves each trial's record when it finishes (complete, diverged,
+    out of memory, or stopped by ASHA), so a driver killed mid-sweep loses no finished trial."""
+    from ray.tune import Callback
+
+    class SaveFinishedTrials(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            metrics = trial.last_result or {}
+            if "record" in metrics:  # one without is reported as a failure after the fit
+                store.save(merge_result(metrics, settings, higher_is_better))
+
+    return SaveFinishedTrials()
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a trial's error: Ray wraps the trial's exception and appends a traceback,
+    so name the innermost exception (type and message) instead."""
+    inner = error
+    for candidate in (getattr(error, "cause", None), error.__cause__):
+        if isinstance(candidate, BaseException):
+            inner = candidate
+            break
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[-1].strip() if text else ''}".rstrip(": ")
+
+
+def _result_key(config: dict[str, Any]) -> str:
+    if "point" in config:
+        return GridPoint.from_dict(config["point"]).key
+    if "batch_size" in config and "learning_rate" in config:
+        return GridPoint(int(config["batch_size"]), SEARCH_RULE, float(config["learning_rate"])).key
+    return "unknown trial"
 
 
 def scheduler_description(spec: RaySweepSpec) -> dict[str, Any]:
@@ -134,20 +246,26 @@ def scheduler_settings(settings: TrialSettings) -> dict[str, int]:
     }
 
 
-def _search_setup(spec: RaySweepSpec, tune: Any) -> tuple[dict[str, Any], Any, int]:
-    if spec.space is None:
-        assert spec.points is not None  # set by sweep() for grid mode
-        return {"point": tune.grid_search([p.to_dict() for p in spec.points])}, None, 1
+def _search_setup(spec: RaySweepSpec, work: RemainingWork, tune: Any) -> tuple[dict[str, Any], Any]:
+    if work.points is not None:
+        return {"point": tune.grid_search([p.to_dict() for p in work.points])}, None
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    if spec.space is None:
+        raise ValueError("a search sweep needs its space")
     space = spec.space
     param_space = {
         "batch_size": tune.lograndint(space.min_batch_size, space.max_batch_size + 1),
         "learning_rate": tune.loguniform(space.min_lr, space.max_lr),
     }
-    searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.settings.seed))
-    return param_space, searcher, int(spec.n_trials or 1)
+    searcher = OptunaSearch(
+        sampler=optuna.samplers.TPESampler(seed=work.search_seed),
+        # Finished trials of earlier runs inform the sampler without being trained again.
+        points_to_evaluate=[params for params, _ in work.history] or None,
+        evaluated_rewards=[reward for _, reward in work.history] or None,
+    )
+    return param_space, searcher
 
 
 def _ray_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:

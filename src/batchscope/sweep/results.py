@@ -171,6 +171,30 @@ class SweepResult:
         )
 
 
+@dataclass(frozen=True)
+class TrialFailure:
+    """A trial that raised: its point's key and the error in one line."""
+
+    key: str
+    error: str
+
+
+class SweepTrialsFailed(RuntimeError):
+    """Some trials raised; the others' results were kept and written (`result`, `result.paths`)
+    and a rerun of the same sweep runs only the failed points."""
+
+    def __init__(self, result: SweepResult, failures: Sequence[TrialFailure]):
+        self.result = result
+        self.failures = list(failures)
+        listed = "; ".join(f"{f.key}: {f.error}" for f in self.failures)
+        where = result.paths.get("record", "the run record")
+        super().__init__(
+            f"{len(self.failures)} trial(s) failed ({listed}); the {len(result.trials)} "
+            f"finished trial(s) are saved in {where}; fix the cause and rerun the same sweep: "
+            f"finished trials are kept and only the failed ones run again"
+        )
+
+
 def trials_csv(result: SweepResult) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")

@@ -24,7 +24,8 @@ import torch
 
 from batchscope import device as devices
 from batchscope.errors import UsageError
-from batchscope.oom import is_oom, oom_message
+from batchscope.guard import StateGuard
+from batchscope.oom import run_catching_oom
 from batchscope.step import build_model, needs_grad_scaler, train_step
 from batchscope.sweep.grid import GridPoint
 from batchscope.sweep.schedule import LrSchedule, plan_schedule
@@ -57,8 +58,8 @@ def run_trial(
     """Train a fresh model at `point` and return what was measured.
 
     Divergence (a non-finite training loss) and out-of-memory end the trial with that outcome;
-    any other exception is the workload's bug and propagates. Seeds python, numpy and torch;
-    callers that must leave the process's RNG untouched wrap this in a state guard.
+    any other exception is the workload's bug and propagates. The model the workload's factory
+    returns and every RNG (seeded here) are restored afterwards, on every way out.
     """
     if workload.epoch_batches is None or workload.evaluate is None:
         raise UsageError(
@@ -92,17 +93,19 @@ def run_trial(
         seed=settings.seed,
     )
     started = time.perf_counter()
-    oom_error: BaseException | None = None
-    try:
-        _train(workload, point, settings, device, schedule, record, on_eval)
-    except Exception as exc:  # noqa: BLE001 - only OOMs are results; the rest re-raise
-        if not is_oom(exc):
-            raise
-        oom_error = exc
-    if oom_error is not None:
-        record.outcome, record.message = "oom", oom_message(oom_error)
-        del oom_error  # the traceback pins the failed step's tensors; drop it, then free
-        devices.release_memory(device)
+    # A `Workload.from_objects` factory hands back the user's own model: the guard puts it back
+    # as it was (weights, buffers, train/eval flags), so the sweep leaves it untouched and every
+    # trial starts from the same initial weights, as independent trials must. It also restores
+    # every RNG this trial seeds.
+    with StateGuard(rng=True) as guard:
+        # OOM is caught inside the guard: the memory the failed step held is released before
+        # the guard writes the user's tensors back.
+        outcome = run_catching_oom(
+            lambda: _train(workload, point, settings, device, schedule, record, on_eval, guard),
+            device,
+        )
+    if outcome.oom:
+        record.outcome, record.message = "oom", outcome.message
     record.wall_seconds = time.perf_counter() - started
     summarise(record, settings, workload.higher_is_better)
     return record
@@ -116,10 +119,11 @@ def _train(
     schedule: LrSchedule,
     record: TrialRecord,
     on_eval: OnEval | None,
+    guard: StateGuard,
 ) -> None:
     _burn_in(workload, point, device, schedule.peak_lr)
     _seed_everything(settings.seed, device)
-    model = build_model(workload, device)
+    model = build_model(workload, device, guard)
     optimizer = workload.build_optimizer(model.parameters(), schedule.peak_lr)
     # Keep the ratios between parameter groups the user's factory set up; scale them all.
     group_peaks = [group["lr"] / schedule.peak_lr for group in optimizer.param_groups]
@@ -188,14 +192,24 @@ def _train(
 def _burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: float) -> None:
     """One untimed step on a throwaway model, so one-time costs (decoding the dataset into its
     cache, the CUDA context, cuDNN autotuning for this batch shape) are not charged to whichever
-    trial happens to run first."""
-    model = build_model(workload, device)
-    optimizer = workload.build_optimizer(model.parameters(), lr)
-    batch = next(iter(workload.epoch_batches(point.batch_size, device, 0)), None)
-    if batch is not None:
-        train_step(workload, model, optimizer, batch, device)
-    devices.synchronize(device)
-    del model, optimizer, batch
+    trial happens to run first.
+
+    Under its own guard: when the factory returns the user's model, this step must be undone
+    before the trial snapshots the model (the trial's guard keeps its first snapshot). An OOM
+    here is ignored after its memory is released: the trial's first step meets it again and
+    records it.
+    """
+
+    def step() -> None:
+        model = build_model(workload, device, guard)
+        optimizer = workload.build_optimizer(model.parameters(), lr)
+        batch = next(iter(workload.epoch_batches(point.batch_size, device, 0)), None)
+        if batch is not None:
+            train_step(workload, model, optimizer, batch, device)
+        devices.synchronize(device)
+
+    with StateGuard(rng=True) as guard:
+        run_catching_oom(step, device)
 
 
 def _seed_everything(seed: int, device: torch.device) -> None:

@@ -35,12 +35,14 @@ def tiny_workload(
     dataset_size: int = 256,
     test_size: int = 256,
     oom_above: int | None = None,
+    error_above: int | None = None,
     schedule: str = "cosine",
     warmup_epochs: float = 0.0,
     calls: list | None = None,
 ) -> Workload:
     """`oom_above`: batches larger than this raise torch.OutOfMemoryError in the loss (a fake
-    OOM with the real type); `calls`, when given, collects (batch_size, seed) per epoch."""
+    OOM with the real type); `error_above`: they raise a RuntimeError (a user bug); `calls`,
+    when given, collects (batch_size, seed) per epoch."""
     train_x, train_y = _data(task, dataset_size, 1)
     test_x, test_y = _data(task, test_size, 2)
     outputs = 2 if task == "classify" else 1
@@ -55,6 +57,8 @@ def tiny_workload(
         x, y = batch
         if oom_above is not None and x.shape[0] > oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        if error_above is not None and x.shape[0] > error_above:
+            raise RuntimeError(f"batch {x.shape[0]} is too large for this test")
         if task == "classify":
             return F.cross_entropy(model(x), y)
         return F.mse_loss(model(x), y)
@@ -94,3 +98,9 @@ def tiny_workload(
         schedule=schedule,
         warmup_epochs=warmup_epochs,
     )
+
+
+def tiny_failing_above_16() -> Workload:
+    """Entry point: the classifier whose loss raises for batches over 16 (Ray workers resolve
+    a workload by name, so the failure must be in what the name builds)."""
+    return tiny_workload(error_above=16)

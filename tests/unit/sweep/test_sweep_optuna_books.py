@@ -215,3 +215,30 @@ def test_search_mode_runs_n_trials_and_reruns_a_stale_one_with_its_params(tmp_pa
     for trial in worker.trials():
         if trial.state == TrialState.COMPLETE:
             assert 16 <= trial.params["batch_size"] <= 128
+
+
+class _FlakyStorage:
+    """Accepts the owner and the first heartbeat, then fails every later write."""
+
+    def __init__(self):
+        self.writes = 0
+
+    def set_trial_system_attr(self, trial_id, key, value):
+        self.writes += 1
+        if self.writes > 2:
+            raise ConnectionError("database went away")
+
+
+def test_a_failed_heartbeat_is_logged_at_debug_and_the_trial_goes_on(caplog):
+    caplog.set_level("DEBUG", logger="batchscope.sweep.bookkeeping")
+    storage = _FlakyStorage()
+    with books.Heartbeat(storage, 42, books.Owner.current(), interval=0.005):
+        deadline = time.monotonic() + 10
+        while storage.writes < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert storage.writes >= 4  # beats go on after a failure
+    failures = [r for r in caplog.records if r.name == "batchscope.sweep.bookkeeping"]
+    assert failures and all(r.levelname == "DEBUG" for r in failures)
+    assert failures[0].getMessage() == (
+        "heartbeat of trial 42 not written: ConnectionError('database went away')"
+    )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from batchscope.workloads import cifar10_data
 from batchscope.atomic import atomic_output
+from batchscope.workloads import cifar10_data
 from batchscope.workloads.cifar10_archives import CifarArrays
 from batchscope.workloads.cifar10_data import cache_file_for, load_cifar10, read_cache, write_cache
 
@@ -119,3 +121,15 @@ def test_unwritable_cache_warns_and_still_returns_data(tmp_path, monkeypatch):
         assert _equal(arrays, _arrays(seed=4))
     finally:
         cifar10_data.clear_memory_cache()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_the_cache_file_gets_the_usual_permissions(tmp_path):
+    # A shared cache directory must hold files others can read (umask 022 -> 0o644), not the
+    # 0o600 of a temporary file.
+    previous = os.umask(0o022)
+    try:
+        write_cache(tmp_path / "c.npz", _arrays())
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "c.npz").st_mode) == 0o644

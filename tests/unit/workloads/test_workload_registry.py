@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,29 @@ def test_factory_must_return_a_workload():
     registry.register("broken", lambda: "not a workload")
     with pytest.raises(UsageError, match="returned str"):
         registry.get("broken")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"train_size": 0}, "train_size=0 must be an integer from 1 to 50000"),
+        ({"test_size": True}, "test_size=True must be an integer from 1 to 10000"),
+        ({"loader_workers": -1},
+         "loader_workers=-1 must be an integer >= 0 (0 loads in the main process)"),
+    ],
+)
+def test_integer_options_are_refused_in_one_line(options, message, tmp_path):
+    archive = tmp_path / "cifar10-jpg.tar.xz"
+    archive.write_bytes(b"x")
+    with pytest.raises(UsageError) as caught:
+        get_workload("small-cnn-cifar10", data_path=archive, **options)
+    assert str(caught.value) == message
+
+
+def test_numpy_integer_sizes_are_stored_as_plain_ints(tmp_path):
+    archive = tmp_path / "cifar10-jpg.tar.xz"
+    archive.write_bytes(b"x")
+    workload = get_workload("small-cnn-cifar10", data_path=archive, train_size=np.int64(300),
+                            test_size=np.int32(200))
+    assert workload.dataset_size == 300 and type(workload.dataset_size) is int
+    assert type(workload.settings["test_size"]) is int
