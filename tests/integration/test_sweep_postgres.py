@@ -8,6 +8,7 @@ binaries are installed, and stops it afterwards. Skipped, saying why, only when 
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import shutil
@@ -72,7 +73,7 @@ def test_two_workers_share_one_study_and_run_each_point_exactly_once(postgres_ur
     import optuna
 
     from batchscope.sweep import bookkeeping as books
-    from batchscope.sweep.optuna_backend import open_storage
+    from batchscope.sweep.optuna_backend import close_storage, open_storage
 
     study = f"shared-{uuid.uuid4().hex[:8]}"
     workers = [_worker(postgres_url, study, tmp_path / f"worker{i}") for i in range(2)]
@@ -83,7 +84,11 @@ def test_two_workers_share_one_study_and_run_each_point_exactly_once(postgres_ur
     if password:  # the JSON and the logs name the storage, never its password
         assert all(password not in out + err for out, err in outputs)
 
-    trials = optuna.load_study(study_name=study, storage=open_storage(postgres_url, tmp_path)).trials
+    storage = open_storage(postgres_url, tmp_path)
+    try:
+        trials = optuna.load_study(study_name=study, storage=storage).trials
+    finally:
+        close_storage(storage)
     trained: dict[str, int] = {}
     for trial in trials:
         if trial.user_attrs.get(books.RECORD) is not None:  # only a trained trial has a record
@@ -94,3 +99,36 @@ def test_two_workers_share_one_study_and_run_each_point_exactly_once(postgres_ur
     assert trained == {key: 1 for key in keys}
     complete = [books.trial_key(t) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(complete) == sorted(keys)
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "sweep"  # sweep_fixtures.py
+
+
+def test_a_finished_sweep_leaves_no_connection_open(postgres_url, tmp_path, monkeypatch):
+    import sqlalchemy
+
+    from batchscope.sweep import sweep
+    from batchscope.sweep.optuna_backend import with_installed_driver
+
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    from sweep_fixtures import tiny_workload
+
+    # A pool-less engine, so the probe itself holds no connection between queries.
+    probe = sqlalchemy.create_engine(with_installed_driver(postgres_url), poolclass=sqlalchemy.pool.NullPool)
+    query = sqlalchemy.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    )
+
+    def open_connections() -> int:
+        with probe.connect() as connection:
+            return int(connection.execute(query).scalar_one())
+
+    gc.collect()  # engines other code left for the garbage collector close their pools now
+    before = open_connections()
+    result = sweep(tiny_workload(), [16, 32], epochs=1, storage=postgres_url,
+                   study_name=f"closed-{uuid.uuid4().hex[:8]}", out_dir=tmp_path, pruning=False,
+                   report=False)
+    assert [t.outcome for t in result.trials] == ["complete", "complete"]
+    assert open_connections() == before
+    probe.dispose()

@@ -14,6 +14,7 @@ from batchscope import __version__
 from batchscope.cli import (common, probe_memory, probe_noise, probe_throughput, report_cmd,
                             sweep_cmd, tune_cmd, workloads_cmd)
 from batchscope.errors import ProbeFailedError, UsageError
+from batchscope.sweep.results import SweepTrialsFailed
 
 # Recent Typer vendors its own click (older ones use click itself): take the parser's usage-error
 # class from Typer's BadParameter instead of importing click, which may not be installed.
@@ -71,8 +72,9 @@ def run(argv: list[str] | None = None) -> None:
         _usage_error(exc.format_message(), exc.ctx.command_path if exc.ctx else "batchscope")
     except UsageError as exc:
         _usage_error(str(exc), None)
-    except ProbeFailedError as exc:
-        # An answer about the machine ("not even batch 1 fits"), not a bug: no traceback.
+    except (ProbeFailedError, SweepTrialsFailed) as exc:
+        # An answer about the machine ("not even batch 1 fits") or about trials whose results
+        # were saved and that a rerun resumes: no traceback, exit code 1.
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
         sys.exit(1)
     except _ABORTS:

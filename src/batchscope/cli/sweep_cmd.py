@@ -49,7 +49,8 @@ def command(
     ),
     backend: str = typer.Option("optuna", "--backend", help="optuna (this process) or ray (Ray Tune)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    out: str = typer.Option("batchscope-sweep", "--out", help="Output directory (record, CSV, report, journal)."),
+    out: str = typer.Option("batchscope-sweep", "--out", help="Output directory (record, CSV, report, journal); default ./batchscope-sweep in the "
+        "current directory. The same --out and --study resume a sweep."),
     no_pruning: bool = typer.Option(False, "--no-pruning", help="Run every trial to the end of its budget."),
     mode: str = typer.Option("grid", "--mode", help="grid (batch sizes x rules) or search (TPE over batch and LR)."),
     n_trials: Optional[int] = typer.Option(None, "--n-trials", help="Trials to finish in search mode."),

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 # involved and the user's own matplotlib backend setting is left alone.
 from matplotlib.figure import Figure
 
+from batchscope.atomic import write_bytes_atomic
+
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto;
        max-width: 1100px; color: #1d1d1f; line-height: 1.45; padding: 0 1rem; }
@@ -50,7 +52,9 @@ def save_figures(out_dir: str | os.PathLike[str], figures: Iterable[tuple[str, F
         slug = slugify(title)
         for fmt in ("png", "svg"):
             path = out / f"{slug}.{fmt}"
-            figure.savefig(path, format=fmt, dpi=120, bbox_inches="tight")
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format=fmt, dpi=120, bbox_inches="tight")
+            write_bytes_atomic(path, buffer.getvalue())  # never a half-written plot
             written.append(path)
     return written
 

@@ -180,7 +180,9 @@ def sweep(
     )
     failed = {failure.key for failure in run.failures}
     for failure in run.failures:
-        result.notes.append(f"Trial {failure.key} failed ({failure.error}); rerunning the sweep runs it again.")
+        result.notes.append(
+            f"Trial {failure.key} failed ({failure.error}); rerunning the sweep runs it again."
+        )
     if plan.points is not None:
         finished = {t.key for t in result.trials}
         missing = sorted({p.key for p in plan.points} - finished - failed)

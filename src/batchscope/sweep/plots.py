@@ -7,9 +7,10 @@ where the x axis is the batch size, thicker curves and ringed points elsewhere.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
+from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
@@ -199,7 +200,10 @@ def _by_rule(trials: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]:
     return groups
 
 
-def _colour_map(trials: Sequence[TrialRecord]):  # noqa: ANN202 - a small closure
+def _colour_map(
+    trials: Sequence[TrialRecord],
+) -> Callable[[int], tuple[float, float, float, float]]:
+    """batch size -> RGBA colour on a log scale spanning the trials' batch sizes."""
     sizes = [t.batch_size for t in trials] or [1]
     low, high = min(sizes), max(sizes)
     norm = LogNorm(vmin=low, vmax=high if high > low else low * 2)
@@ -214,13 +218,13 @@ def _label(trial: TrialRecord, predicted: bool) -> str:
     return text + (" (predicted)" if predicted else "")
 
 
-def _mark_predicted(ax, result: SweepResult) -> None:  # noqa: ANN001
+def _mark_predicted(ax: Axes, result: SweepResult) -> None:
     if result.predicted_batch_size is not None:
         ax.axvline(result.predicted_batch_size, **_PREDICTED_STYLE,
                    label=f"predicted by tune ({result.predicted_batch_size})")
 
 
-def _batch_axis(ax, sizes: Sequence[int] = ()) -> None:  # noqa: ANN001
+def _batch_axis(ax: Axes, sizes: Sequence[int] = ()) -> None:
     ax.set_xscale("log", base=2)
     if sizes:  # label the batch sizes themselves, not powers of two
         ax.set_xticks(sorted(set(sizes)))
@@ -230,7 +234,7 @@ def _batch_axis(ax, sizes: Sequence[int] = ()) -> None:  # noqa: ANN001
     ax.grid(alpha=0.3, which="both")
 
 
-def _legend(ax) -> None:  # noqa: ANN001
+def _legend(ax: Axes) -> None:
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(fontsize=7, ncol=2 if len(handles) > 8 else 1)

@@ -145,7 +145,9 @@ def run_ray_sweep(spec: RaySweepSpec, progress: Callable[[str], None] | None = N
         if result.error is not None:
             failures.append(TrialFailure(key, describe_error(result.error)))
         elif key not in saved:
-            failures.append(TrialFailure(key, "ended without a final report (it trained zero evaluations)"))
+            failures.append(
+                TrialFailure(key, "ended without a final report (it trained zero evaluations)")
+            )
         else:
             record = records[key] = saved[key]
             if progress is not None:

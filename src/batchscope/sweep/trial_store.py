@@ -26,7 +26,9 @@ def changed_settings(stored: dict[str, Any], expected: dict[str, Any]) -> list[s
     return sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
 
 
-def refuse_changed_settings(study_name: str, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+def refuse_changed_settings(
+    study_name: str, stored: dict[str, Any], expected: dict[str, Any]
+) -> None:
     changed = changed_settings(stored, expected)
     if changed:
         raise UsageError(

@@ -87,10 +87,12 @@ def test_a_probe_that_finds_nothing_is_one_line_with_exit_code_1(tmp_path, monke
 
         def make():
             return Workload(
-                name="tiny", build_model=lambda d: nn.Linear(64, 2).to(d),
+                # 1 MiB of input per example: above glibc's mmap threshold, so every batch is
+                # a fresh mapping that the resident-memory peak always sees
+                name="tiny", build_model=lambda d: nn.Linear(1 << 18, 2).to(d),
                 build_optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr),
                 loss=lambda m, b: m(b).sum(),
-                make_batch=lambda b, d, g: torch.randn(b, 64, generator=g).to(d),
+                make_batch=lambda b, d, g: torch.randn(b, 1 << 18, generator=g).to(d),
                 reference_batch_size=8, reference_lr=0.1)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
