@@ -177,10 +177,12 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
         )
     pipeline = evidence.input_pipeline or {}
     if pipeline.get("bottleneck"):
+        # The probe's note already says where the time goes and what would help.
+        note = str(pipeline.get("note") or "").strip()
         caveats.append(
-            "Input pipeline caps throughput: "
-            + str(pipeline.get("note") or "the data path is slower than the model step")
-            + ". Move augmentation to the device or add DataLoader workers."
+            note[:1].upper() + note[1:] if note else
+            "The input pipeline caps throughput: the data path is slower than the model step; "
+            "move augmentation to the device or add DataLoader workers."
         )
     return caveats
 

@@ -60,5 +60,6 @@ def test_early_noise_ddp_and_pipeline_caveats():
     text = " ".join(rec.caveats)
     assert "measured after 40 training steps" in text
     assert "global across 4 devices" in text
-    assert "loader gives 10k/s vs 40k/s" in text
+    assert "Loader gives 10k/s vs 40k/s" in rec.caveats
+    assert text.count("caps throughput") == 0  # the probe's note is used as it is, not repeated
     assert "exceeds the noise scale" in text  # linear scaling past B_noise overshoots
