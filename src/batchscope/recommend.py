@@ -7,11 +7,11 @@ from a saved run record.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from batchscope import scaling
+from batchscope.analysis._checks import finite_or_none as _finite_or_none
 
 # Below ~16-32 examples per device BatchNorm's batch statistics get noisy enough to hurt accuracy
 # (Wu & He 2018, "Group Normalization", fig. 1); 32 is the conservative end.
@@ -185,13 +185,6 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
             "move augmentation to the device or add DataLoader workers."
         )
     return caveats
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -7,7 +7,6 @@ pytest imported it under; the isolated runner hands the parent's sys.path to its
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 from typing import Any
@@ -70,14 +69,7 @@ def broken_workload() -> Workload:
     return tiny_conv_workload(loss=buggy_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _frozen_import_objects() -> Any:
-    # See tests/unit/probes/test_memory_probe_fake.py: keeps each probe's gc.collect() cheap.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+pytestmark = pytest.mark.usefixtures("frozen_import_objects")
 
 
 def test_real_cpu_budget_with_a_user_model() -> None:

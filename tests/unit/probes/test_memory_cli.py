@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -44,14 +43,7 @@ def app() -> typer.Typer:
     return application
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _frozen_import_objects() -> Any:
-    # See test_memory_probe_fake.py: keeps each probe's gc.collect() cheap.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+pytestmark = pytest.mark.usefixtures("frozen_import_objects")
 
 
 def test_json_output_and_run_record(app: typer.Typer, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ child left behind, and what the child writes (its `main` run in this process).""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
@@ -41,14 +40,7 @@ def buggy_workload() -> Workload:
     return tiny_workload().with_settings(loss=loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _frozen_import_objects() -> Any:
-    # See test_memory_probe_fake.py: keeps each probe's gc.collect() cheap.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+pytestmark = pytest.mark.usefixtures("frozen_import_objects")
 
 
 # -- the parent's reading ----------------------------------------------------------------------

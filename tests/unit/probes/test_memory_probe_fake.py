@@ -3,7 +3,6 @@ memory (and OOMs) from a fake allocator with a known curve, so every answer is e
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import random
@@ -45,17 +44,7 @@ CUDA_OOM = (
 Curve = Callable[[int, bool], float]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _frozen_import_objects() -> Any:
-    """Every probe ends with batchscope.device.release_memory, a full gc.collect(): right on a
-    GPU, where a step dwarfs it, but torch's imports leave about a million objects behind, so a
-    collection takes ~0.25 s here. Freezing what exists now (gc.freeze) keeps everything the
-    tests create collectable (the leak checks below rely on that) and the suite fast."""
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # its lazy imports first
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+pytestmark = pytest.mark.usefixtures("frozen_import_objects")
 
 
 def affine(fixed_mib: float, per_sample_mib: float) -> Curve:
