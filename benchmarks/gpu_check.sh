@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, for a short device session (see benchmarks/README.md).
 #
-#   bash benchmarks/gpu_check.sh [STEP ...]    STEP: memory throughput noise tune sweep
-#                                              (default: all five, in that order)
+#   bash benchmarks/gpu_check.sh [STEP ...]    STEP: memory throughput noise tune sweep seed
+#                                              (default: the first five, in that order; seed =
+#                                              tune + the 30-epoch sweep + tune vs reference in
+#                                              one process, benchmarks/seed_experiment.py)
 #
 # Runs the steps one after another, each under `timeout`, and puts everything in $OUT
 # (./gpu-out when OUT is unset): gpu_check.log (all output), <step>.json for each step that
@@ -16,18 +18,20 @@
 #   MEMORY_S=330 THROUGHPUT_S=240 NOISE_S=330 TUNE_S=480 SWEEP_S=240   per-step caps
 #   TUNE_EPOCHS=15 TUNE_BUDGET=120 TUNE_BF16=0     tune_vs_reference.py's epochs, budget, --bf16
 #   SWEEP_EPOCHS=3 SWEEP_BATCHES=128,256,512,1024,2048,4096 SWEEP_TARGET=   the seed sweep
+#   SEED_S=540 SEED_EPOCHS=30 SEED_BUDGET=20 SEED_BATCHES=128,512,1024,2048 SEED_BF16=1
 #   PYTHON=python3  SMOKE=1 (every step in its --cpu-smoke form: checks the plumbing on a CPU)
-# The sweep step needs optuna: carried wheels in .whl/ (benchmarks/fetch_device_wheels.sh) are
+# The sweep and seed steps need optuna: carried wheels in .whl/ (benchmarks/fetch_device_wheels.sh) are
 # installed into /tmp/site when optuna is not importable; without them the step is skipped.
 set -uo pipefail
 
-ALL_STEPS=(memory throughput noise tune sweep)
+ALL_STEPS=(memory throughput noise tune sweep seed)
+DEFAULT_STEPS=(memory throughput noise tune sweep)
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=("${ALL_STEPS[@]}")
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=("${DEFAULT_STEPS[@]}")
 for step in "${STEPS[@]}"; do
     if [[ " ${ALL_STEPS[*]} " != *" $step "* ]]; then
         echo "error: unknown step '$step'; choose from: ${ALL_STEPS[*]}" >&2
@@ -153,6 +157,24 @@ step_sweep() {
     run_step sweep "${SWEEP_S:-240}" "$PYTHON" -m batchscope sweep "${args[@]}" \
         --lr-rule linear --out "$WORK/sweep"
     [[ -f "$WORK/sweep/run.json" ]] && cp "$WORK/sweep/run.json" "$OUT/sweep.json"
+}
+
+step_seed() {
+    if [[ $SMOKE != 1 ]] && ! install_carried_wheels; then
+        echo "=== [seed] skipped: optuna is not importable (run benchmarks/fetch_device_wheels.sh here and carry .whl)"
+        note seed "skipped (no optuna)" 0
+        FAILURES=$((FAILURES + 1))
+        return
+    fi
+    local args=(--epochs "${SEED_EPOCHS:-30}" --budget "${SEED_BUDGET:-20}"
+                --batch-sizes "${SEED_BATCHES:-128,512,1024,2048}")
+    [[ ${SEED_BF16:-1} == 1 ]] && args+=(--bf16)
+    [[ $SMOKE == 1 ]] && args=(--cpu-smoke --batch-sizes 32,64)
+    # The work folder (tune and sweep records, reports, figures, Optuna journal) lives in $OUT,
+    # so that a run cut short still brings back whatever it wrote.
+    run_step seed "${SEED_S:-540}" "$PYTHON" benchmarks/seed_experiment.py \
+        --out "$OUT/seed.json" --work "$OUT/seed" "${args[@]}"
+    return 0
 }
 
 header() {

@@ -24,6 +24,7 @@ from batchscope.sweep.grid import (
     SearchSpace,
     expand_lr_rules,
     grid_points,
+    merged_reference_points,
     validate_batch_sizes,
 )
 from batchscope.sweep.output import predicted_from_record, write_outputs
@@ -154,7 +155,8 @@ def sweep(
         source=workload,
         workload_options=dict(workload_options or {}),
         settings=settings,
-        points=grid_points(sizes, rules) if space is None else None,
+        points=grid_points(sizes, rules, resolved.reference_batch_size)
+        if space is None else None,
         space=space,
         n_trials=n_trials,
         device=devices.resolve_device(device),
@@ -178,6 +180,13 @@ def sweep(
                 "n_trials": n_trials, "storage": _storage_label(plan, backend)},
         predicted_batch_size=predicted,
     )
+    merged = merged_reference_points(sizes, rules, resolved.reference_batch_size)
+    if space is None and merged:
+        kept = GridPoint(resolved.reference_batch_size, rules[0]).key
+        result.notes.append(
+            f"At the reference batch {resolved.reference_batch_size} every LR rule gives the "
+            f"reference LR, so {kept} also stands for {', '.join(merged)} (trained once)."
+        )
     failed = {failure.key for failure in run.failures}
     for failure in run.failures:
         result.notes.append(

@@ -104,9 +104,29 @@ def parse_batch_sizes(text: str) -> list[int]:
     return validate_batch_sizes(sizes)
 
 
-def grid_points(batch_sizes: Sequence[int], lr_rules: Sequence[str]) -> list[GridPoint]:
-    """Every batch size with every rule, smallest batch first (rules in the order given)."""
-    return [GridPoint(size, rule) for size in batch_sizes for rule in lr_rules]
+def grid_points(
+    batch_sizes: Sequence[int], lr_rules: Sequence[str], reference_batch_size: int | None = None
+) -> list[GridPoint]:
+    """Every batch size with every rule, smallest batch first (rules in the order given).
+
+    At `reference_batch_size` every rule scales the LR by 1, so the rules would train the very
+    same trial; only the first rule's point is kept there (see `merged_reference_points`).
+    """
+    return [
+        GridPoint(size, rule)
+        for size in batch_sizes
+        for index, rule in enumerate(lr_rules)
+        if index == 0 or size != reference_batch_size
+    ]
+
+
+def merged_reference_points(
+    batch_sizes: Sequence[int], lr_rules: Sequence[str], reference_batch_size: int
+) -> list[str]:
+    """Keys of the points `grid_points` leaves out at the reference batch (for the notes)."""
+    if reference_batch_size not in batch_sizes:
+        return []
+    return [GridPoint(reference_batch_size, rule).key for rule in lr_rules[1:]]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
+from batchscope.sweep.grid import LR_RULES
 from batchscope.sweep.results import SweepResult, front_time
 from batchscope.sweep.trial_record import TrialRecord
 
@@ -79,7 +80,7 @@ def final_metric_figure(result: SweepResult) -> Figure:
     figure = Figure(figsize=(6.4, 4.2))
     ax = figure.add_subplot()
     any_cut = False
-    for (rule, trials), colour in zip(_by_rule(result.trials).items(), _RULE_COLOURS):
+    for (rule, trials), colour in zip(_by_rule(result).items(), _RULE_COLOURS):
         done = [t for t in trials if t.full_budget and t.final_metric is not None]
         if done:
             ax.plot(
@@ -117,7 +118,7 @@ def time_figure(result: SweepResult) -> Figure:
     figure = Figure(figsize=(6.4, 4.2))
     ax = figure.add_subplot()
     has_target = result.target_metric is not None
-    for (rule, trials), colour in zip(_by_rule(result.trials).items(), _RULE_COLOURS):
+    for (rule, trials), colour in zip(_by_rule(result).items(), _RULE_COLOURS):
         points = [
             (t.batch_size, front_time(t, has_target))
             for t in trials
@@ -193,10 +194,19 @@ def _time_label(result: SweepResult) -> str:
     return f"time to {result.metric_name} {result.target_metric:g}"
 
 
-def _by_rule(trials: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]:
+def _by_rule(result: SweepResult) -> dict[str, list[TrialRecord]]:
+    """Trials per LR rule. The grid trains the reference batch once (every rule gives the
+    reference LR there), so that trial also starts every other rule's line."""
     groups: dict[str, list[TrialRecord]] = {}
-    for trial in sorted(trials, key=lambda t: t.batch_size):
+    for trial in sorted(result.trials, key=lambda t: t.batch_size):
         groups.setdefault(trial.lr_rule, []).append(trial)
+    reference = result.config.get("reference_batch_size")
+    shared = [t for t in result.trials if t.batch_size == reference and t.lr_rule in LR_RULES]
+    if len(shared) == 1:
+        for rule, trials in groups.items():
+            if rule in LR_RULES and shared[0] not in trials:
+                trials.insert(0, shared[0])
+                trials.sort(key=lambda t: t.batch_size)
     return groups
 
 

@@ -6,6 +6,7 @@ from batchscope.sweep.grid import (
     SearchSpace,
     expand_lr_rules,
     grid_points,
+    merged_reference_points,
     parse_batch_sizes,
     validate_batch_sizes,
 )
@@ -45,6 +46,16 @@ def test_grid_is_sizes_times_rules_with_stable_keys():
     searched = GridPoint(96, "search", 0.0123456789)
     assert searched.key == "b96-lr0.0123457"
     assert GridPoint.from_dict(searched.to_dict()) == searched
+
+
+def test_the_reference_batch_is_one_point_whatever_the_rules():
+    points = grid_points([64, 128, 256], ["sqrt", "linear"], reference_batch_size=128)
+    assert [p.key for p in points] == [
+        "b64-sqrt", "b64-linear", "b128-sqrt", "b256-sqrt", "b256-linear"]
+    assert merged_reference_points([64, 128], ["sqrt", "linear", "none"], 128) == [
+        "b128-linear", "b128-none"]
+    assert merged_reference_points([64, 256], ["sqrt", "linear"], 128) == []
+    assert len(grid_points([64, 256], ["sqrt", "linear"], reference_batch_size=128)) == 4
 
 
 def test_search_space_spans_the_sizes_and_widens_the_linear_rule():
