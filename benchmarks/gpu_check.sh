@@ -16,7 +16,8 @@
 #   TOTAL_S=540     deadline of the whole script; each step's timeout is cut to what is left,
 #                   and a step is skipped when fewer than MIN_STEP_S=45 seconds remain
 #   MEMORY_S=330 THROUGHPUT_S=240 NOISE_S=330 TUNE_S=480 SWEEP_S=240   per-step caps
-#   TUNE_EPOCHS=15 TUNE_BUDGET=120 TUNE_BF16=0     tune_vs_reference.py's epochs, budget, --bf16
+#   TUNE_EPOCHS=15 TUNE_BUDGET=120 TUNE_BF16=0 TUNE_ALSO_RULE=   tune_vs_reference.py's
+#                   epochs, budget, --bf16, --also-lr-rule
 #   SWEEP_EPOCHS=3 SWEEP_BATCHES=128,256,512,1024,2048,4096 SWEEP_TARGET=   the seed sweep
 #   SEED_S=540 SEED_EPOCHS=30 SEED_BUDGET=20 SEED_BATCHES=128,512,1024,2048 SEED_BF16=1
 #   PYTHON=python3  SMOKE=1 (every step in its --cpu-smoke form: checks the plumbing on a CPU)
@@ -27,7 +28,7 @@ set -uo pipefail
 ALL_STEPS=(memory throughput noise tune sweep seed)
 DEFAULT_STEPS=(memory throughput noise tune sweep)
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 STEPS=("$@")
@@ -138,6 +139,7 @@ step_tune() {
     local extra=(--epochs "$TUNE_EPOCHS" --budget "$TUNE_BUDGET")
     [[ $SMOKE == 1 ]] && extra=(--cpu-smoke)
     [[ ${TUNE_BF16:-0} == 1 ]] && extra+=(--bf16)
+    [[ -n ${TUNE_ALSO_RULE:-} ]] && extra+=(--also-lr-rule "$TUNE_ALSO_RULE")
     run_step tune "${TUNE_S:-480}" "$PYTHON" benchmarks/tune_vs_reference.py \
         --out "$OUT/tune_vs_reference.json" --tune-out "$WORK/tune" "${extra[@]}"
 }

@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-import tune_vs_reference as tvr  # benchmarks/ is on sys.path when this file runs as a script
-from batchscope import device as devices
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path (tests)
+import tune_vs_reference as tvr  # noqa: E402  (the shared stages and summary)
+from batchscope import device as devices  # noqa: E402
 from batchscope.cli.sweep_cmd import render
 from batchscope.record import environment_info, write_json_atomic
 from batchscope.recommend import Recommendation

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                              "as reaching it (default 0.5)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast + channels_last for tuning and both runs")
+    parser.add_argument("--also-lr-rule", default=None,
+                        help="also train tune's plan under this LR rule (e.g. adascale): same "
+                             "batch, the rule's LR and warmup, scored against the same reference")
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default cuda; smoke cpu)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -138,10 +141,19 @@ def main(argv: list[str] | None = None) -> int:
              f"{recommendation.per_device_batch_size}; the trial runner has no accumulation, so "
              f"batch {recommendation.batch_size} is trained in one step and may run out of memory")
 
+    plans = _run_plans(workload, recommendation, epochs, args.evals_per_epoch, args.seed)
+    alternative = None
+    if args.also_lr_rule:
+        alternative = tuned.with_lr_rule(args.also_lr_rule)
+        label = f"recommended-{alternative.lr_rule}"
+        plans.insert(1, (label, *_run_plans(workload, alternative, epochs, args.evals_per_epoch,
+                                             args.seed)[0][1:]))
+        results["alternative"] = {"label": label, "recommendation": alternative.to_dict()}
+        _say(f"also: {alternative.lr_rule} rule -> LR {alternative.learning_rate:.4g}, warmup "
+             f"{alternative.warmup_steps} steps")
     runs: dict[str, TrialRecord] = {}
     results["runs"] = {}
-    for label, point, settings in _run_plans(workload, recommendation, epochs,
-                                             args.evals_per_epoch, args.seed):
+    for label, point, settings in plans:
         devices.release_memory(device)
         runs[label] = run_trial(workload, point, settings, device,
                                 on_eval=_progress(label, epochs))
@@ -151,9 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     summary = _summarise(runs["recommended"], runs["reference"], recommendation, tune_seconds,
                          args.tolerance)
     results["summary"] = summary
+    if alternative is not None:
+        label = results["alternative"]["label"]
+        results["alternative"]["summary"] = _summarise(
+            runs[label], runs["reference"], alternative, tune_seconds, args.tolerance)
     results["runs"] = {label: record.to_dict() for label, record in runs.items()}
     save()
     _print_table(runs, summary, workload, device)
+    if alternative is not None:
+        alt = results["alternative"]
+        print(f"\n{alt['label']} (LR {alternative.learning_rate:.4g}, warmup "
+              f"{alternative.warmup_steps} steps, final "
+              f"{_pct(runs[alt['label']].final_metric)}): {alt['summary']['verdict']}")
     if args.out is not None:
         print(f"\nwritten: {args.out}")
     return 0

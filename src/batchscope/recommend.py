@@ -75,9 +75,15 @@ def recommend(
     `plan` is an `analysis.goodput.GoodputPlan` (batch_size, micro_batch_size, accumulation,
     speedup_vs_reference, good_range).
     """
-    rule = lr_rule or scaling.rule_for_family(optimizer_family)
+    rule = scaling.rule_name(lr_rule) if lr_rule else scaling.rule_for_family(optimizer_family)
     batch = int(plan.batch_size)
     usable_noise = evidence.noise_scale if evidence.noise_status == "ok" else None
+    fallback = []
+    if rule == "adascale" and usable_noise is None:
+        # The gain needs the noise scale; failing here would throw away the whole measurement.
+        rule = scaling.rule_for_family(optimizer_family)
+        fallback.append(f"rule 'adascale' needs a usable noise scale ({evidence.noise_status}); "
+                        f"the LR follows the {optimizer_family} rule '{rule}' instead")
     lr_plan = scaling.scale_learning_rate(
         base_learning_rate, base_batch_size, batch, rule,
         noise_scale=usable_noise, family=optimizer_family,
@@ -91,7 +97,7 @@ def recommend(
     speedup = _finite_or_none(getattr(plan, "speedup_vs_reference", None))
 
     rationale = _rationale(plan, evidence, rule, lr_plan, base_batch_size, base_learning_rate, target)
-    caveats = list(lr_plan.warnings)
+    caveats = fallback + list(lr_plan.warnings)
     caveats += _caveats(evidence, per_device_total, accumulation, world_size)
     return Recommendation(
         batch_size=batch,

@@ -84,7 +84,7 @@ def scale_learning_rate(
     base_lr = positive_number("base_lr", base_lr)
     base = positive_int("base_batch_size", base_batch_size)
     batch = positive_int("batch_size", batch_size)
-    rule = _rule_name(rule)
+    rule = rule_name(rule)
     noise = None if noise_scale is None else positive_number("noise_scale", noise_scale, allow_inf=True)
     scale = batch / base
     if rule == "linear":
@@ -147,7 +147,7 @@ def lr_warnings(
     family: str | None = None,
 ) -> list[str]:
     """Reasons to distrust a scaled LR, one sentence each (empty when none apply)."""
-    rule = _rule_name(rule)
+    rule = rule_name(rule)
     warnings = []
     scale = batch_size / base_batch_size
     if rule == "linear" and noise_scale is not None and math.isfinite(noise_scale) and batch_size > noise_scale:
@@ -169,7 +169,8 @@ def lr_warnings(
     return warnings
 
 
-def _rule_name(rule: Any) -> str:
+def rule_name(rule: Any) -> str:
+    """The rule's canonical name; an unknown rule is a UsageError naming the choices."""
     key = str(rule).strip().lower()
     if key not in RULES:
         raise UsageError(f"LR rule {rule!r} is unknown; pass one of {', '.join(RULES)}")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from batchscope import device as devices
+from batchscope import scaling
 from batchscope.analysis.goodput import GoodputPlan, plan_batch_size
 from batchscope.analysis.throughput_model import fit_throughput_model
 from batchscope.errors import UsageError
@@ -55,6 +56,9 @@ NOISE_ACCUMULATION = 4  # micro-batches per noise sample: small batch b, big bat
 NOISE_FIXED_S = 3.0
 # Beyond ~200 samples the interval narrows slowly (1/sqrt(n)) while the cost grows linearly.
 MAX_NOISE_SAMPLES = 200
+# The recommendation without a noise scale can only follow throughput, so even an overrun
+# budget buys this many samples (a few reference-sized steps' worth) rather than none.
+MIN_NOISE_SAMPLES = 16
 # "examples" target: batches whose examples-to-target stay within 10% of the minimum,
 # E/E_min = 1 + B/B_noise <= 1.1.
 EXAMPLES_SLACK = 0.10
@@ -70,9 +74,24 @@ class TuneResult:
     record: RunRecord
     out_dir: Path | None
     seconds: float
+    evidence: Evidence | None = None
+    optimizer_family: str = "sgd"
+    target: str = "time"
+    steps_per_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.record.to_dict()
+
+    def with_lr_rule(self, lr_rule: str) -> Recommendation:
+        """The same plan and evidence with another LR rule (no probe runs again)."""
+        if self.evidence is None:
+            raise UsageError("this TuneResult keeps no evidence; run tune() again")
+        return recommend(
+            self.plan, self.evidence, base_batch_size=self.recommendation.base_batch_size,
+            base_learning_rate=self.recommendation.base_learning_rate,
+            optimizer_family=self.optimizer_family, steps_per_epoch=self.steps_per_epoch,
+            target=self.target, lr_rule=lr_rule,
+        )
 
 
 def tune(
@@ -82,6 +101,7 @@ def tune(
     budget_s: float = 300.0,
     target: Target = "time",
     optimizer_family: str | None = None,
+    lr_rule: str | None = None,
     memory_budget: int | str | None = None,
     out_dir: str | Path | None = None,
     workload_options: dict[str, Any] | None = None,
@@ -96,6 +116,8 @@ def tune(
             examples needed within 10% of the minimum, then picks the fastest such batch.
         optimizer_family: "sgd" (linear LR rule) or "adam" (square root); defaults to the
             workload's.
+        lr_rule: "linear", "sqrt", "none" or "adascale" (the measured noise scale's gain);
+            defaults to the family's rule (linear for SGD, square root for Adam).
         memory_budget: bytes or "4GiB"; required meaningfully on CPU (default there: a quarter of
             RAM, at most 2 GiB), optional on accelerators.
         out_dir: where `run.json`, `report.html` and the plots go (None: nothing written).
@@ -103,6 +125,8 @@ def tune(
     started = time.perf_counter()
     say = progress or (lambda message: logger.info(message))
     _check_arguments(budget_s, target, optimizer_family)
+    if lr_rule is not None:
+        scaling.rule_name(lr_rule)  # a bad rule fails before minutes of probing, not after
     resolved = resolve_workload(workload, **(workload_options or {}))
     family = optimizer_family or resolved.optimizer_family
     where = devices.resolve_device(device)
@@ -111,7 +135,7 @@ def tune(
 
     record = RunRecord(kind="tune", workload=resolved.describe(), environment=environment_info(where))
     record.sections["settings"] = {
-        "budget_s": budget_s, "target": target, "optimizer_family": family,
+        "budget_s": budget_s, "target": target, "optimizer_family": family, "lr_rule": lr_rule,
         "memory_budget_bytes": budget_bytes, "device": str(where),
     }
 
@@ -141,19 +165,20 @@ def tune(
     noise: NoiseScaleResult | None = None
     limit = memory.recommended_batch_size
     train_steps, samples = _noise_plan(resolved, model, remaining, limit)
-    if samples >= 4:
-        # Micro-batches within what fits; reference-sized training steps are accumulated.
-        micro = min(max(1, resolved.reference_batch_size // NOISE_ACCUMULATION), limit)
-        noise = stage("noise probe", lambda: estimate_noise_scale(
-            resolved, device=where, steps=samples, train_steps=train_steps,
-            micro_batch_size=micro, accumulation=NOISE_ACCUMULATION,
-            train_batch_size=min(resolved.reference_batch_size, limit)))
-        record.sections["noise"] = noise.to_dict()
-    else:
+    if samples < MIN_NOISE_SAMPLES:
         record.errors.append(
-            f"noise probe skipped: {remaining:.0f}s of budget left buys fewer than 4 samples; "
-            f"raise --budget"
+            f"the memory and throughput probes left {max(0.0, remaining):.0f}s of the {budget_s:g}s "
+            f"budget; the noise probe takes {MIN_NOISE_SAMPLES} samples anyway (its interval is "
+            f"wide); raise --budget for a tighter one"
         )
+        samples = MIN_NOISE_SAMPLES
+    # Micro-batches within what fits; reference-sized training steps are accumulated.
+    micro = min(max(1, resolved.reference_batch_size // NOISE_ACCUMULATION), limit)
+    noise = stage("noise probe", lambda: estimate_noise_scale(
+        resolved, device=where, steps=samples, train_steps=train_steps,
+        micro_batch_size=micro, accumulation=NOISE_ACCUMULATION,
+        train_batch_size=min(resolved.reference_batch_size, limit)))
+    record.sections["noise"] = noise.to_dict()
 
     has_batchnorm = _has_batchnorm(resolved, where)
     noise_value = _usable_noise(noise)
@@ -181,7 +206,7 @@ def tune(
     recommendation = recommend(
         plan, evidence, base_batch_size=resolved.reference_batch_size,
         base_learning_rate=resolved.reference_lr, optimizer_family=family,
-        steps_per_epoch=steps_per_epoch or None, target=target,
+        steps_per_epoch=steps_per_epoch or None, target=target, lr_rule=lr_rule,
     )
     record.sections["recommendation"] = recommendation.to_dict()
     seconds = time.perf_counter() - started
@@ -191,7 +216,9 @@ def tune(
         from batchscope.report.tune_report import write_tune_report
 
         write_tune_report(record, out)
-    return TuneResult(recommendation, plan, memory, throughput, noise, record, out, seconds)
+    return TuneResult(recommendation, plan, memory, throughput, noise, record, out, seconds,
+                      evidence=evidence, optimizer_family=family, target=target,
+                      steps_per_epoch=steps_per_epoch or None)
 
 
 # -- stages' details -----------------------------------------------------------------------------

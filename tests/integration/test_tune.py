@@ -17,8 +17,8 @@ from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE
 @pytest.fixture(autouse=True)
 def fixed_noise_plan(monkeypatch):
     """The noise probe's sample count normally follows the measured step time and the budget
-    left; pin it (2 training steps, 8 samples) so a slow CI machine cannot starve it."""
-    monkeypatch.setattr("batchscope.tuning._noise_plan", lambda *args, **kwargs: (2, 8))
+    left; pin it (2 training steps, 16 samples) so a slow CI machine cannot starve it."""
+    monkeypatch.setattr("batchscope.tuning._noise_plan", lambda *args, **kwargs: (2, 16))
 
 
 FIGURE_TITLES = ("Peak memory vs batch size", "Throughput vs batch size", "Gradient noise scale",
@@ -75,6 +75,16 @@ def test_tune_recommends_within_what_it_measured_and_leaves_user_objects_alone(t
     feasible = [p for p in result.plan.curve if p.relative_time is not None]
     assert min(feasible, key=lambda p: p.relative_time).batch_size == rec.batch_size
 
+    # Another rule over the same evidence, without probing again.
+    noise = result.noise.b_simple if result.noise and result.noise.status == "ok" else None
+    other = result.with_lr_rule("adascale")
+    assert other.batch_size == rec.batch_size
+    if noise is not None:
+        gain = (rec.batch_size / 64) * (noise + 64) / (noise + rec.batch_size)
+        assert (other.lr_rule, other.learning_rate) == ("adascale", pytest.approx(0.2 * gain))
+    else:
+        assert other.lr_rule == "linear"
+
     record = RunRecord.load(tmp_path / "run.json")
     assert set(record.sections) >= {"memory", "throughput", "noise", "goodput", "recommendation"}
     assert record.sections["recommendation"]["batch_size"] == rec.batch_size
@@ -83,6 +93,27 @@ def test_tune_recommends_within_what_it_measured_and_leaves_user_objects_alone(t
     for title in FIGURE_TITLES:
         assert title in html
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+
+
+def test_a_spent_budget_still_buys_the_noise_probe_its_minimum(tmp_path, monkeypatch):
+    # What an H200 run hit: memory and throughput overran the budget, the noise probe was
+    # skipped, and throughput alone picked the dataset-sized batch with a 352x LR.
+    monkeypatch.setattr("batchscope.tuning._noise_plan", lambda *args, **kwargs: (0, 0))
+    model, optimizer, make_batch, loss = _user_objects()
+    workload = batchscope.Workload.from_objects(model, optimizer, loss, make_batch,
+                                                reference_batch_size=64, dataset_size=4096)
+    result = batchscope.tune(workload, device="cpu", budget_s=20, memory_budget="256MiB",
+                             lr_rule="sqrt")
+    assert result.noise is not None and result.noise.samples == batchscope.tuning.MIN_NOISE_SAMPLES
+    assert any("takes 16 samples anyway" in error for error in result.record.errors)
+    assert result.recommendation.lr_rule == "sqrt"
+    assert result.record.sections["settings"]["lr_rule"] == "sqrt"
+
+
+def test_a_bad_lr_rule_fails_before_any_probe(monkeypatch):
+    monkeypatch.setattr("batchscope.tuning.probe_memory", lambda *a, **k: pytest.fail("probed"))
+    with pytest.raises(batchscope.UsageError, match="LR rule 'cubic' is unknown"):
+        batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=20, lr_rule="cubic")
 
 
 def test_a_failing_stage_keeps_the_partial_record_and_says_why(tmp_path, monkeypatch):
@@ -113,7 +144,7 @@ def test_cli_tune_on_the_small_builtin_writes_json_and_report_and_report_rerende
     rec = sections["recommendation"]
     assert rec["batch_size"] >= BATCHNORM_MIN_PER_DEVICE
     assert rec["per_device_batch_size"] <= sections["memory"]["recommended_batch_size"]
-    assert sections["noise"]["samples"] == 8
+    assert sections["noise"]["samples"] == 16
     assert sections["errors"] == []
     assert sections["record_path"] == str(out / "run.json")
 

@@ -43,6 +43,24 @@ def test_adam_family_gets_the_square_root_rule():
     assert any("Noise scale not usable" in line for line in rec.rationale)
 
 
+def test_adascale_rule_uses_the_measured_noise_scale():
+    # gain = S (B_noise + B0) / (B_noise + B) = 8 * (896 + 128) / (896 + 1024) = 8 * 1024 / 1920
+    rec = recommend(Plan(1024, 1024, 1), Evidence(memory_limit=2048, noise_scale=896.0,
+                                                  noise_status="ok"),
+                    base_batch_size=128, base_learning_rate=0.1, optimizer_family="sgd",
+                    steps_per_epoch=48, lr_rule="adascale")
+    assert rec.lr_rule == "adascale"
+    assert rec.learning_rate == pytest.approx(0.1 * 8 * 1024 / 1920)
+    assert rec.warmup_steps == 5 * 48  # gain 4.27 > 2: gradual warmup
+
+
+def test_adascale_without_a_noise_scale_falls_back_to_the_family_rule():
+    rec = recommend(Plan(1024, 1024, 1), Evidence(memory_limit=2048), base_batch_size=128,
+                    base_learning_rate=0.1, optimizer_family="sgd", lr_rule="adascale")
+    assert rec.lr_rule == "linear" and rec.learning_rate == pytest.approx(0.8)
+    assert any("'adascale' needs a usable noise scale" in c for c in rec.caveats)
+
+
 def test_accumulation_plan_and_batchnorm_caveats():
     rec = _recommend(Plan(4096, 16, 256), has_batchnorm=True)
     assert (rec.grad_accumulation, rec.per_device_batch_size) == (256, 16)

@@ -120,6 +120,10 @@ def global_samples_per_s(batch_size: int, model: StepTimeModel, max_fit_batch_si
     return batch_size / (steps * float(model.step_seconds(micro)))
 
 
+KNEE_SLACK = 0.05
+"""Throughput-only plans take the smallest batch within this share of the fastest candidate."""
+
+
 def plan_batch_size(
     candidates: Any,
     throughput_model: StepTimeModel,
@@ -132,8 +136,9 @@ def plan_batch_size(
     """Pick the candidate global batch with the shortest predicted time to target.
 
     `noise_scale` None or non-finite (not measured, or unresolved) switches to throughput-only
-    mode: statistical efficiency is taken as 1, which favours big batches more than reality will;
-    the plan says so in `mode` and `notes`.
+    mode: statistical efficiency is taken as 1, so the plan takes the throughput knee (the
+    smallest batch within KNEE_SLACK of the fastest) rather than the largest batch that gains a
+    sliver more throughput; the plan says so in `mode` and `notes`.
     """
     batches = sorted({positive_int("candidate batch size", value) for value in np.atleast_1d(candidates).tolist()})
     max_fit = positive_int("max_fit_batch_size", max_fit_batch_size)
@@ -171,6 +176,14 @@ def plan_batch_size(
                          f"{max_fit}; pass smaller candidates or raise max_accumulation")
     best = min(feasible, key=lambda point: point.relative_time)  # first minimum: the smaller batch wins ties
     good = [p.batch_size for p in feasible if p.relative_time <= best.relative_time * (1.0 + tolerance)]
+    if noise is None:
+        # Without a noise scale every batch looks statistically free, so the fastest one is
+        # simply the largest that still gains throughput. Past the throughput knee the gain is a
+        # few percent while the real efficiency can only fall: take the knee.
+        best = next(p for p in feasible if p.relative_time <= best.relative_time * (1.0 + KNEE_SLACK))
+        notes.append(f"throughput-only: batch {best.batch_size} is the smallest within "
+                     f"{KNEE_SLACK:.0%} of the best throughput; larger batches gain little "
+                     "throughput and lose statistical efficiency that could not be measured")
     notes.extend(_edge_notes(best, feasible))
     return GoodputPlan(
         batch_size=best.batch_size,

@@ -23,6 +23,9 @@ def command(
     target: str = typer.Option("time", "--target", help="time (fastest to target) or examples."),
     optimizer_family: Optional[str] = typer.Option(
         None, "--optimizer-family", help="sgd (linear LR rule) or adam (sqrt); default: the workload's."),
+    lr_rule: Optional[str] = typer.Option(
+        None, "--lr-rule",
+        help="linear, sqrt, none, or adascale (the measured noise scale's gain); default: the family's."),
     memory_budget: Optional[str] = typer.Option(
         None, "--memory-budget", help="Memory budget, e.g. 4GiB (CPU default: 1/4 of RAM, at most 2GiB)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for run.json, report.html, plots."),
@@ -32,6 +35,7 @@ def command(
     with err_console.status("tuning…") as status:
         result = tune(
             workload, device=device, budget_s=budget, target=target, optimizer_family=optimizer_family,
+            lr_rule=lr_rule,
             memory_budget=memory_budget, out_dir=out, workload_options=parse_options(option),
             progress=lambda message: status.update(f"tuning: {message}"),
         )

@@ -122,10 +122,10 @@ def measure_throughput(
         try:  # free the model and optimizer also on failure or Ctrl-C
             curve = _sweep(trainer, grid, fraction, early_stop, timing, deadline, clock)
             if data_path and workload.data_loader is not None:
+                sizes, pipeline_timing = _pipeline_plan(curve, timing, deadline, clock)
                 pipeline = check_input_pipeline(
                     trainer.step, trainer.device_batches, workload.data_loader, device,
-                    [curve.knee_batch_size, curve.best_batch_size],
-                    after_oom=trainer.drop_gradients, **timing)
+                    sizes, after_oom=trainer.drop_gradients, **pipeline_timing)
             elif data_path:
                 pipeline = not_measured("the workload has no data_loader (its batches come "
                                         "from make_batch only)")
@@ -306,6 +306,18 @@ def _checked_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
     for size in batch_sizes:
         _require_positive_int("batch size", size)
     return sorted(set(int(size) for size in batch_sizes))
+
+
+def _pipeline_plan(curve: Any, timing: dict[str, Any], deadline: float | None,
+                   clock: Callable[[], float]) -> tuple[list[int], dict[str, Any]]:
+    """Sizes and timing of the input-pipeline check. Within a time budget only the knee (where
+    a recommendation lands; the best size is often the memory limit, where a CPU loader takes
+    seconds a batch) and each path capped to half of what is left, at least a second."""
+    if deadline is None:
+        return [curve.knee_batch_size, curve.best_batch_size], timing
+    left = max(2.0, deadline - clock()) / 2
+    cap = timing.get("max_seconds")
+    return [curve.knee_batch_size], {**timing, "max_seconds": left if cap is None else min(cap, left)}
 
 
 def _check_arguments(warmup_steps: int, timed_steps: int, fraction: float,

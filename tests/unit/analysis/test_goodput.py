@@ -98,13 +98,19 @@ def test_accumulation_for_and_global_throughput(model):
     assert global_samples_per_s(100, model, 64, 16) == pytest.approx(100 / (2 * (A + B * 50)))
 
 
-def test_throughput_only_mode_is_flagged_and_prefers_largest(model):
+def test_throughput_only_mode_is_flagged_and_takes_the_knee(model):
+    # Time per example is A/B + B_coef: 1.0244e-4 s at 8192, the fastest. Within 5% of it
+    # (<= 1.0756e-4) needs A/B <= 0.0756e-4, i.e. B >= 2646: 4096 is the smallest such candidate.
+    candidates = [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
     for noise in (None, math.nan, math.inf):
-        plan = plan_batch_size([32, 64, 128, 256, 512], model, noise, 8192, 128)
+        plan = plan_batch_size(candidates, model, noise, 8192, 128)
         assert plan.mode == "throughput_only"
-        assert plan.batch_size == 512
+        assert plan.batch_size == 4096
         assert plan.noise_scale is None
         assert any("throughput alone" in note for note in plan.notes)
+        assert any("smallest within 5% of the best throughput" in note for note in plan.notes)
+    # Still steep at the top (512 is 1.39e-4 s/example, 256 is 1.78e-4): the largest wins.
+    assert plan_batch_size([32, 64, 128, 256, 512], model, None, 8192, 128).batch_size == 512
 
 
 def test_zero_noise_prefers_smallest(model):
