@@ -144,13 +144,19 @@ step_tune() {
         --out "$OUT/tune_vs_reference.json" --tune-out "$WORK/tune" "${extra[@]}"
 }
 
+# needs_optuna STEP: true when optuna imports (carried wheels installed if needed); otherwise
+# notes STEP as skipped and returns false.
+needs_optuna() {
+    [[ $SMOKE == 1 ]] && return 0
+    install_carried_wheels && return 0
+    echo "=== [$1] skipped: optuna is not importable (run benchmarks/fetch_device_wheels.sh here and carry .whl)"
+    note "$1" "skipped (no optuna)" 0
+    FAILURES=$((FAILURES + 1))
+    return 1
+}
+
 step_sweep() {
-    if [[ $SMOKE != 1 ]] && ! install_carried_wheels; then
-        echo "=== [sweep] skipped: optuna is not importable (run benchmarks/fetch_device_wheels.sh here and carry .whl)"
-        note sweep "skipped (no optuna)" 0
-        FAILURES=$((FAILURES + 1))
-        return
-    fi
+    needs_optuna sweep || return 0
     local args=(-w resnet18-cifar10 -b "$SWEEP_BATCHES" --epochs "$SWEEP_EPOCHS" --device cuda)
     [[ $SMOKE == 1 ]] && args=(-w small-cnn-cifar10 -o train_size=1024 -o test_size=256
                                -b 32,64,128 --epochs 1 --device cpu)
@@ -162,20 +168,16 @@ step_sweep() {
 }
 
 step_seed() {
-    if [[ $SMOKE != 1 ]] && ! install_carried_wheels; then
-        echo "=== [seed] skipped: optuna is not importable (run benchmarks/fetch_device_wheels.sh here and carry .whl)"
-        note seed "skipped (no optuna)" 0
-        FAILURES=$((FAILURES + 1))
-        return
-    fi
+    needs_optuna seed || return 0
     local args=(--epochs "${SEED_EPOCHS:-30}" --budget "${SEED_BUDGET:-20}"
                 --batch-sizes "${SEED_BATCHES:-128,512,1024,2048}")
     [[ ${SEED_BF16:-1} == 1 ]] && args+=(--bf16)
     [[ $SMOKE == 1 ]] && args=(--cpu-smoke --batch-sizes 32,64)
     # The work folder (tune and sweep records, reports, figures, Optuna journal) lives in $OUT,
-    # so that a run cut short still brings back whatever it wrote.
+    # so that a run cut short still brings back whatever it wrote; a fresh one per run, since
+    # seed_experiment.py refuses to resume an older sweep.
     run_step seed "${SEED_S:-540}" "$PYTHON" benchmarks/seed_experiment.py \
-        --out "$OUT/seed.json" --work "$OUT/seed" "${args[@]}"
+        --out "$OUT/seed.json" --work "$OUT/seed-$(date +%Y%m%d-%H%M%S)" "${args[@]}"
     return 0
 }
 

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from batchscope import device as devices
+from batchscope import scaling
 from batchscope.record import environment_info, write_json_atomic
 from batchscope.recommend import Recommendation
 from batchscope.step import build_model, train_step
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget if args.budget is not None else setup.budget_s
     if epochs <= 0 or args.evals_per_epoch <= 0:
         parser.error("--epochs and --evals-per-epoch must be positive integers")
+    if args.also_lr_rule is not None and args.also_lr_rule.strip().lower() not in scaling.RULES:
+        parser.error(f"--also-lr-rule {args.also_lr_rule!r} is not one of "
+                     f"{', '.join(scaling.RULES)}")
     device = devices.resolve_device(args.device or setup.device)
     options = dict(setup.options)
     if args.bf16:
@@ -145,9 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     alternative = None
     if args.also_lr_rule:
         alternative = tuned.with_lr_rule(args.also_lr_rule)
+        if (alternative.learning_rate, alternative.warmup_steps) == (
+                recommendation.learning_rate, recommendation.warmup_steps):
+            _say(f"also: rule {args.also_lr_rule} gives the recommendation's own LR and warmup "
+                 f"({alternative.lr_rule}); nothing more to train")
+            alternative = None
+    if alternative is not None:
         label = f"recommended-{alternative.lr_rule}"
-        plans.insert(1, (label, *_run_plans(workload, alternative, epochs, args.evals_per_epoch,
-                                             args.seed)[0][1:]))
+        _, point, settings = _run_plans(workload, alternative, epochs, args.evals_per_epoch,
+                                        args.seed)[0]
+        plans.append((label, point, settings))  # after the reference: a timeout keeps the pair
         results["alternative"] = {"label": label, "recommendation": alternative.to_dict()}
         _say(f"also: {alternative.lr_rule} rule -> LR {alternative.learning_rate:.4g}, warmup "
              f"{alternative.warmup_steps} steps")

@@ -82,8 +82,9 @@ def recommend(
     if rule == "adascale" and usable_noise is None:
         # The gain needs the noise scale; failing here would throw away the whole measurement.
         rule = scaling.rule_for_family(optimizer_family)
-        fallback.append(f"rule 'adascale' needs a usable noise scale ({evidence.noise_status}); "
-                        f"the LR follows the {optimizer_family} rule '{rule}' instead")
+        fallback.append(f"rule 'adascale' needs a usable noise scale (the probe's status: "
+                        f"{evidence.noise_status}, value: {evidence.noise_scale}); the LR follows "
+                        f"the {optimizer_family} rule '{rule}' instead")
     lr_plan = scaling.scale_learning_rate(
         base_learning_rate, base_batch_size, batch, rule,
         noise_scale=usable_noise, family=optimizer_family,

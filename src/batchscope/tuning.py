@@ -125,8 +125,8 @@ def tune(
     started = time.perf_counter()
     say = progress or (lambda message: logger.info(message))
     _check_arguments(budget_s, target, optimizer_family)
-    if lr_rule is not None:
-        scaling.rule_name(lr_rule)  # a bad rule fails before minutes of probing, not after
+    if lr_rule is not None:  # a bad rule fails before minutes of probing, not after
+        lr_rule = scaling.rule_name(lr_rule)
     resolved = resolve_workload(workload, **(workload_options or {}))
     family = optimizer_family or resolved.optimizer_family
     where = devices.resolve_device(device)
@@ -162,19 +162,19 @@ def tune(
     model = _throughput_model(throughput)
 
     remaining = budget_s - (time.perf_counter() - started)
-    noise: NoiseScaleResult | None = None
     limit = memory.recommended_batch_size
     train_steps, samples = _noise_plan(resolved, model, remaining, limit)
     if samples < MIN_NOISE_SAMPLES:
-        record.errors.append(
-            f"the memory and throughput probes left {max(0.0, remaining):.0f}s of the {budget_s:g}s "
-            f"budget; the noise probe takes {MIN_NOISE_SAMPLES} samples anyway (its interval is "
-            f"wide); raise --budget for a tighter one"
-        )
+        if remaining <= NOISE_FIXED_S:  # the earlier probes spent the budget, not the noise probe
+            record.errors.append(
+                f"the memory and throughput probes left {max(0.0, remaining):.0f}s of the "
+                f"{budget_s:g}s budget; the noise probe takes {MIN_NOISE_SAMPLES} samples anyway "
+                f"(its interval is wide); raise --budget for a tighter one"
+            )
         samples = MIN_NOISE_SAMPLES
     # Micro-batches within what fits; reference-sized training steps are accumulated.
     micro = min(max(1, resolved.reference_batch_size // NOISE_ACCUMULATION), limit)
-    noise = stage("noise probe", lambda: estimate_noise_scale(
+    noise: NoiseScaleResult = stage("noise probe", lambda: estimate_noise_scale(
         resolved, device=where, steps=samples, train_steps=train_steps,
         micro_batch_size=micro, accumulation=NOISE_ACCUMULATION,
         train_batch_size=min(resolved.reference_batch_size, limit)))
@@ -194,8 +194,8 @@ def tune(
     evidence = Evidence(
         memory_limit=memory.recommended_batch_size,
         noise_scale=noise_value,
-        noise_status=noise.status if noise is not None else "not measured",
-        noise_interval=(noise.ci_low, noise.ci_high) if noise is not None else (None, None),
+        noise_status=noise.status,
+        noise_interval=(noise.ci_low, noise.ci_high),
         noise_measured_at_step=train_steps,
         knee_batch_size=throughput.knee_batch_size,
         input_pipeline=_as_dict(throughput.input_pipeline),

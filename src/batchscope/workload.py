@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 from torch import nn
 
+from batchscope.checks import require_int, require_positive_number
 from batchscope.errors import UsageError
 
 Batch = Any
@@ -90,18 +91,17 @@ class Workload:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require_positive_int("reference_batch_size", self.reference_batch_size)
-        if not (isinstance(self.reference_lr, (int, float)) and self.reference_lr > 0):
-            raise UsageError(
-                f"reference_lr={self.reference_lr!r} must be a positive number (the LR used "
-                f"at reference_batch_size)"
-            )
+        # Frozen: store plain ints, so a numpy integer is described and serialised as a number.
+        object.__setattr__(self, "reference_batch_size",
+                           require_int("reference_batch_size", self.reference_batch_size))
+        object.__setattr__(self, "reference_lr", require_positive_number(
+            "reference_lr", self.reference_lr, hint="the LR used at reference_batch_size"))
         _require_choice("unit", self.unit, ("examples", "tokens"))
         _require_choice("optimizer_family", self.optimizer_family, ("sgd", "adam"))
         _require_choice("schedule", self.schedule, ("cosine", "constant"))
         _require_choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
         if self.dataset_size is not None:
-            _require_positive_int("dataset_size", self.dataset_size)
+            object.__setattr__(self, "dataset_size", require_int("dataset_size", self.dataset_size))
         for name in ("build_model", "build_optimizer", "loss", "make_batch"):
             if not callable(getattr(self, name)):
                 raise UsageError(f"Workload.{name} must be callable, got {getattr(self, name)!r}")
@@ -259,11 +259,6 @@ def resolve_workload(name_or_spec: str | Workload, **options: Any) -> Workload:
     from batchscope.workloads import get_workload
 
     return get_workload(name_or_spec, **options)
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UsageError(f"{name}={value!r} must be a positive integer")
 
 
 def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -99,6 +99,8 @@ def test_a_spent_budget_still_buys_the_noise_probe_its_minimum(tmp_path, monkeyp
     # What an H200 run hit: memory and throughput overran the budget, the noise probe was
     # skipped, and throughput alone picked the dataset-sized batch with a 352x LR.
     monkeypatch.setattr("batchscope.tuning._noise_plan", lambda *args, **kwargs: (0, 0))
+    # Whatever this machine's speed, count the budget as spent once the throughput probe ends.
+    monkeypatch.setattr("batchscope.tuning.NOISE_FIXED_S", 1e9)
     model, optimizer, make_batch, loss = _user_objects()
     workload = batchscope.Workload.from_objects(model, optimizer, loss, make_batch,
                                                 reference_batch_size=64, dataset_size=4096)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ def _linear_workload(**changes):
         ("reference_batch_size", 0, "reference_batch_size=0"),
         ("reference_batch_size", 12.5, "reference_batch_size=12.5"),
         ("reference_lr", -1.0, "reference_lr=-1.0"),
+        ("reference_lr", True, "reference_lr=True"),
+        ("reference_lr", float("inf"), "reference_lr=inf"),
         ("unit", "pixels", "unit='pixels'"),
         ("optimizer_family", "lamb", "optimizer_family='lamb'"),
         ("dataset_size", 0, "dataset_size=0"),
@@ -45,6 +48,12 @@ def test_bad_fields_name_the_value(field, value, fragment):
     message = str(excinfo.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_numpy_integer_sizes_are_stored_as_plain_ints():
+    workload = _linear_workload(reference_batch_size=np.int64(32), dataset_size=np.int32(1000))
+    assert type(workload.reference_batch_size) is int and workload.reference_batch_size == 32
+    assert type(workload.dataset_size) is int and workload.dataset_size == 1000
 
 
 def test_units_default_to_batch_size_and_use_count_when_given():

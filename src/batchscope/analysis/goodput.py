@@ -24,6 +24,7 @@ import numpy as np
 
 from batchscope.analysis._checks import finite_or_none, positive_int, positive_number
 from batchscope.analysis.efficiency import statistical_efficiency
+from batchscope.analysis.throughput_model import KNEE_FRACTION
 from batchscope.errors import UsageError
 
 
@@ -120,10 +121,6 @@ def global_samples_per_s(batch_size: int, model: StepTimeModel, max_fit_batch_si
     return batch_size / (steps * float(model.step_seconds(micro)))
 
 
-KNEE_SLACK = 0.05
-"""Throughput-only plans take the smallest batch within this share of the fastest candidate."""
-
-
 def plan_batch_size(
     candidates: Any,
     throughput_model: StepTimeModel,
@@ -137,8 +134,8 @@ def plan_batch_size(
 
     `noise_scale` None or non-finite (not measured, or unresolved) switches to throughput-only
     mode: statistical efficiency is taken as 1, so the plan takes the throughput knee (the
-    smallest batch within KNEE_SLACK of the fastest) rather than the largest batch that gains a
-    sliver more throughput; the plan says so in `mode` and `notes`.
+    smallest batch reaching KNEE_FRACTION of the best throughput) rather than the largest batch
+    that gains a sliver more throughput; the plan says so in `mode` and `notes`.
     """
     batches = sorted({positive_int("candidate batch size", value) for value in np.atleast_1d(candidates).tolist()})
     max_fit = positive_int("max_fit_batch_size", max_fit_batch_size)
@@ -180,9 +177,10 @@ def plan_batch_size(
         # Without a noise scale every batch looks statistically free, so the fastest one is
         # simply the largest that still gains throughput. Past the throughput knee the gain is a
         # few percent while the real efficiency can only fall: take the knee.
-        best = next(p for p in feasible if p.relative_time <= best.relative_time * (1.0 + KNEE_SLACK))
-        notes.append(f"throughput-only: batch {best.batch_size} is the smallest within "
-                     f"{KNEE_SLACK:.0%} of the best throughput; larger batches gain little "
+        # (relative_time is 1/throughput here, efficiency being 1.)
+        best = next(p for p in feasible if p.relative_time * KNEE_FRACTION <= best.relative_time)
+        notes.append(f"throughput-only: batch {best.batch_size} is the smallest reaching "
+                     f"{KNEE_FRACTION:.0%} of the best throughput; larger batches gain little "
                      "throughput and lose statistical efficiency that could not be measured")
     notes.extend(_edge_notes(best, feasible))
     return GoodputPlan(
@@ -191,7 +189,7 @@ def plan_batch_size(
         accumulation=best.accumulation,  # type: ignore[arg-type]
         relative_time=best.relative_time,  # type: ignore[arg-type]
         speedup_vs_reference=1.0 / best.relative_time,  # type: ignore[operator]
-        good_range=(min(good), max(good)),
+        good_range=(min(min(good), best.batch_size), max(good)),
         reference_batch_size=reference,
         noise_scale=noise,
         mode=mode,
@@ -204,8 +202,8 @@ def plan_batch_size(
 def _noise_mode(noise_scale: float | None) -> tuple[float | None, str, list[str]]:
     if noise_scale is None or (isinstance(noise_scale, (int, float)) and not math.isfinite(noise_scale)):
         return None, "throughput_only", [
-            "no usable gradient noise scale: the plan maximises throughput alone and ignores statistical "
-            "efficiency, so it favours larger batches than time-to-accuracy will"
+            "no usable gradient noise scale: the plan follows throughput alone and cannot weigh statistical "
+            "efficiency, which only falls as the batch grows"
         ]
     if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float, np.integer, np.floating)):
         raise UsageError(f"noise_scale={noise_scale!r} is not a number; pass B_simple or None")

@@ -155,7 +155,11 @@ def fit_throughput_model(
     )
 
 
-def knee_batch_size(batch_sizes: Any, samples_per_s: Any, fraction: float = 0.95) -> int:
+KNEE_FRACTION = 0.95
+"""The knee: the smallest batch size reaching this share of the best throughput."""
+
+
+def knee_batch_size(batch_sizes: Any, samples_per_s: Any, fraction: float = KNEE_FRACTION) -> int:
     """Smallest MEASURED batch size whose throughput is >= `fraction` x the best measured.
 
     Past the knee, a bigger batch buys little speed but still costs statistical efficiency and
@@ -172,7 +176,7 @@ def best_batch_size(batch_sizes: Any, samples_per_s: Any) -> int:
     return int(xs[np.argmax(rates)])
 
 
-def has_flattened(batch_sizes: Any, samples_per_s: Any, fraction: float = 0.95, patience: int = 2) -> bool:
+def has_flattened(batch_sizes: Any, samples_per_s: Any, fraction: float = KNEE_FRACTION, patience: int = 2) -> bool:
     """Early-stop rule for a growing (e.g. doubling) grid: True when each of the last `patience`
     points gained less than (1 - fraction) relative over the best throughput before it.
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from batchscope.checks import require_int
 from batchscope.errors import UsageError
 from batchscope.probes.noise_online import GradientNoiseMonitor, NoiseSample, _foreach_norms, _sum_of_squares
 
@@ -72,8 +73,7 @@ def all_reduce_gradients_with_noise(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         raise UsageError("no parameter has a .grad; call this after backward()")
-    if isinstance(local_batch_size, bool) or not isinstance(local_batch_size, int) or local_batch_size <= 0:
-        raise UsageError(f"local_batch_size={local_batch_size!r} must be a positive integer")
+    local_batch_size = require_int("local_batch_size", local_batch_size)
     if loss_reduction not in ("mean", "sum"):
         raise UsageError(f"loss_reduction={loss_reduction!r} is not one of mean, sum")
     world = dist.get_world_size(group)

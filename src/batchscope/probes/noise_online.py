@@ -44,6 +44,7 @@ from batchscope.analysis.noise_stats import (
     noise_scale_with_ci,
     unbiased_components,
 )
+from batchscope.checks import require_int
 from batchscope.errors import UsageError
 
 Precondition = Literal["adam"] | None
@@ -82,8 +83,8 @@ class NoiseTracker:
     """
 
     def __init__(self, window: int | None = None, ema_beta: float = 0.9) -> None:
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
-            raise UsageError(f"window={window!r} must be an integer >= 2 (samples per estimate) or None for all")
+        if window is not None:
+            window = require_int("window", window, minimum=2, hint="samples per estimate, or None for all")
         self.window = window
         self._g2: list[float] = []
         self._trace: list[float] = []
@@ -163,8 +164,8 @@ class GradientNoiseMonitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model={type(model).__name__} is not a torch.nn.Module")
-        _require_positive_int("micro_batch_size", micro_batch_size)
-        _require_positive_int("every", every)
+        micro_batch_size = require_int("micro_batch_size", micro_batch_size)
+        every = require_int("every", every)
         if loss_reduction not in ("mean", "sum"):
             raise UsageError(f"loss_reduction={loss_reduction!r} is not one of mean, sum")
         if not (isinstance(loss_multiplier, (int, float)) and math.isfinite(loss_multiplier) and loss_multiplier != 0):
@@ -355,8 +356,3 @@ def _sum_of_squares(norms: Iterable[torch.Tensor], device: torch.device) -> torc
 
 def _zero(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=device)
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UsageError(f"{name}={value!r} must be a positive integer")

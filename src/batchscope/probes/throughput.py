@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from batchscope.analysis.throughput_model import has_flattened
+from batchscope.checks import require_int
 from batchscope.device import release_memory, resolve_device
 from batchscope.errors import ProbeFailedError, UsageError
 from batchscope.guard import StateGuard
@@ -272,7 +273,7 @@ def _point(batch_size: int, times: StepTimes, units: float, unit: str) -> Throug
 def _plan_grid(workload: Workload, device: torch.device, batch_sizes: Sequence[int] | None,
                max_batch_size: int | None, notes: list[str]) -> tuple[list[int], int, str]:
     if max_batch_size is not None:
-        _require_positive_int("max_batch_size", max_batch_size)
+        max_batch_size = require_int("max_batch_size", max_batch_size)
     if batch_sizes is not None:
         sizes = _checked_batch_sizes(batch_sizes)
         if max_batch_size is not None:
@@ -304,7 +305,7 @@ def _checked_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
         raise UsageError(f"batch_sizes={batch_sizes!r} must be a non-empty list of positive "
                          f"integers, e.g. [32, 64, 128]")
     for size in batch_sizes:
-        _require_positive_int("batch size", size)
+        require_int("batch size", size)
     return sorted(set(int(size) for size in batch_sizes))
 
 
@@ -322,9 +323,8 @@ def _pipeline_plan(curve: Any, timing: dict[str, Any], deadline: float | None,
 
 def _check_arguments(warmup_steps: int, timed_steps: int, fraction: float,
                      max_seconds_per_point: float | None) -> None:
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise UsageError(f"warmup_steps={warmup_steps!r} must be an integer >= 0 (3 is typical)")
-    _require_positive_int("timed_steps", timed_steps)
+    require_int("warmup_steps", warmup_steps, minimum=0, hint="3 is typical")
+    require_int("timed_steps", timed_steps)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
             or not 0 < fraction < 1:
         raise UsageError(f"fraction={fraction!r} must be strictly between 0 and 1, e.g. 0.95")
@@ -356,8 +356,3 @@ def _variant_workloads(workload: Workload, variants: bool | Mapping[str, Mapping
                              f"Workload fields; use e.g. autocast_dtype or channels_last"
                              ) from None
     return built
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UsageError(f"{name}={value!r} must be a positive integer")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from batchscope import device as devices
+from batchscope.checks import require_int
 from batchscope.errors import UsageError
 from batchscope.record import environment_info
 from batchscope.sweep.grid import (
@@ -25,6 +26,7 @@ from batchscope.sweep.grid import (
     expand_lr_rules,
     grid_points,
     merged_reference_points,
+    reference_rule,
     validate_batch_sizes,
 )
 from batchscope.sweep.output import predicted_from_record, write_outputs
@@ -131,8 +133,7 @@ def sweep(
     if mode not in MODES:
         raise UsageError(f"mode={mode!r} is not one of {', '.join(MODES)}")
     if mode == "search":
-        if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials <= 0:
-            raise UsageError(f"n_trials={n_trials!r}: search mode needs a positive --n-trials, e.g. 20")
+        n_trials = require_int("n_trials", n_trials, hint="search mode needs --n-trials, e.g. 20")
     elif n_trials is not None:
         raise UsageError("n_trials applies to --mode search only; a grid runs every point once")
     rules = expand_lr_rules(lr_rule)
@@ -182,7 +183,7 @@ def sweep(
     )
     merged = merged_reference_points(sizes, rules, resolved.reference_batch_size)
     if space is None and merged:
-        kept = GridPoint(resolved.reference_batch_size, rules[0]).key
+        kept = GridPoint(resolved.reference_batch_size, reference_rule(rules)).key
         result.notes.append(
             f"At the reference batch {resolved.reference_batch_size} every LR rule gives the "
             f"reference LR, so {kept} also stands for {', '.join(merged)} (trained once)."

@@ -110,14 +110,21 @@ def grid_points(
     """Every batch size with every rule, smallest batch first (rules in the order given).
 
     At `reference_batch_size` every rule scales the LR by 1, so the rules would train the very
-    same trial; only the first rule's point is kept there (see `merged_reference_points`).
+    same trial; one point stands for all of them there: the rule first in LR_RULES order, so
+    workers that list the rules in another order still share it (`merged_reference_points`).
     """
+    kept = reference_rule(lr_rules)
     return [
         GridPoint(size, rule)
         for size in batch_sizes
-        for index, rule in enumerate(lr_rules)
-        if index == 0 or size != reference_batch_size
+        for rule in lr_rules
+        if size != reference_batch_size or rule == kept
     ]
+
+
+def reference_rule(lr_rules: Sequence[str]) -> str:
+    """The rule whose point is trained at the reference batch on behalf of all of `lr_rules`."""
+    return min(lr_rules, key=lambda rule: LR_RULES.index(rule) if rule in LR_RULES else len(LR_RULES))
 
 
 def merged_reference_points(
@@ -126,7 +133,8 @@ def merged_reference_points(
     """Keys of the points `grid_points` leaves out at the reference batch (for the notes)."""
     if reference_batch_size not in batch_sizes:
         return []
-    return [GridPoint(reference_batch_size, rule).key for rule in lr_rules[1:]]
+    kept = reference_rule(lr_rules)
+    return [GridPoint(reference_batch_size, rule).key for rule in lr_rules if rule != kept]
 
 
 @dataclass(frozen=True)

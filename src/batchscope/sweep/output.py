@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from batchscope.errors import UsageError
+from batchscope.checks import require_int
 from batchscope.record import RunRecord
 from batchscope.sweep.results import SweepResult, write_trials_csv
 
@@ -122,9 +122,6 @@ def predicted_from_record(path: str | os.PathLike[str]) -> int:
     record = RunRecord.load(path)
     recommendation = record.sections.get("recommendation") or {}
     size = recommendation.get("batch_size") if isinstance(recommendation, dict) else None
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise UsageError(
-            f"run record {str(path)!r} (kind {record.kind!r}) has no recommended batch size; "
-            f"pass the record of a `batchscope tune` run or an integer"
-        )
-    return size
+    return require_int("recommendation.batch_size", size, hint=(
+        f"in run record {str(path)!r} of kind {record.kind!r}; pass the record of a "
+        f"`batchscope tune` run or an integer"))

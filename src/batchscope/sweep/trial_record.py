@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchscope.errors import UsageError
+from batchscope.checks import require_int
 
 OUTCOMES = ("complete", "pruned", "diverged", "oom")
 """How a trial can end as a result (anything else raised is a bug and propagates)."""
@@ -29,9 +29,8 @@ class TrialSettings:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "evals_per_epoch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UsageError(f"{name}={value!r} must be a positive integer, e.g. 2")
+            # Frozen: store the plain int, so a numpy integer serialises like any other.
+            object.__setattr__(self, name, require_int(name, getattr(self, name), hint="e.g. 2"))
 
     @property
     def eval_points(self) -> int:

@@ -99,8 +99,9 @@ def test_accumulation_for_and_global_throughput(model):
 
 
 def test_throughput_only_mode_is_flagged_and_takes_the_knee(model):
-    # Time per example is A/B + B_coef: 1.0244e-4 s at 8192, the fastest. Within 5% of it
-    # (<= 1.0756e-4) needs A/B <= 0.0756e-4, i.e. B >= 2646: 4096 is the smallest such candidate.
+    # Time per example is A/B + B_coef: 1.0244e-4 s at 8192, the fastest. 95% of its throughput
+    # means 0.95 * t(B) <= 1.0244e-4: 4096 (0.95 * 1.0488e-4 = 0.9964e-4) passes, 2048
+    # (0.95 * 1.0977e-4 = 1.0428e-4) does not.
     candidates = [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
     for noise in (None, math.nan, math.inf):
         plan = plan_batch_size(candidates, model, noise, 8192, 128)
@@ -108,7 +109,10 @@ def test_throughput_only_mode_is_flagged_and_takes_the_knee(model):
         assert plan.batch_size == 4096
         assert plan.noise_scale is None
         assert any("throughput alone" in note for note in plan.notes)
-        assert any("smallest within 5% of the best throughput" in note for note in plan.notes)
+        assert any("smallest reaching 95% of the best throughput" in note for note in plan.notes)
+    # A tolerance tighter than the knee's still keeps the chosen batch inside the good range.
+    tight = plan_batch_size(candidates, model, None, 8192, 128, tolerance=0.01)
+    assert tight.batch_size == 4096 and tight.good_range == (4096, 8192)
     # Still steep at the top (512 is 1.39e-4 s/example, 256 is 1.78e-4): the largest wins.
     assert plan_batch_size([32, 64, 128, 256, 512], model, None, 8192, 128).batch_size == 512
 

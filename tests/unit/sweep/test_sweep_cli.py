@@ -49,7 +49,8 @@ def test_human_output_shows_the_table_and_the_files(app, tmp_path):
     [
         (["-b", "16,abc"], "is not an integer"),
         (["-b", "16,32", "--lr-rule", "cubic"], "lr_rule='cubic'"),
-        (["-b", "16,32", "--mode", "search"], "needs a positive --n-trials"),
+        (["-b", "16,32", "--mode", "search"],
+         "n_trials=None must be a positive integer (search mode needs --n-trials, e.g. 20)"),
         (["-b", "16,32", "--n-trials", "3"], "applies to --mode search only"),
         (["-b", "16,512"], "exceeds the 256 training examples"),
         (["-b", "16", "--backend", "slurm"], "backend='slurm'"),

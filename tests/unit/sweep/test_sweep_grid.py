@@ -49,11 +49,14 @@ def test_grid_is_sizes_times_rules_with_stable_keys():
 
 
 def test_the_reference_batch_is_one_point_whatever_the_rules():
+    # The kept rule is the first in LR_RULES order (linear), whatever order the user gave, so
+    # workers listing the rules differently still share the reference point.
     points = grid_points([64, 128, 256], ["sqrt", "linear"], reference_batch_size=128)
     assert [p.key for p in points] == [
-        "b64-sqrt", "b64-linear", "b128-sqrt", "b256-sqrt", "b256-linear"]
+        "b64-sqrt", "b64-linear", "b128-linear", "b256-sqrt", "b256-linear"]
     assert merged_reference_points([64, 128], ["sqrt", "linear", "none"], 128) == [
-        "b128-linear", "b128-none"]
+        "b128-sqrt", "b128-none"]
+    assert [p.key for p in grid_points([128], ["none", "sqrt"], 128)] == ["b128-sqrt"]
     assert merged_reference_points([64, 256], ["sqrt", "linear"], 128) == []
     assert len(grid_points([64, 256], ["sqrt", "linear"], reference_batch_size=128)) == 4
 

@@ -78,14 +78,16 @@ def test_predicted_batch_size_is_read_from_a_tune_record(tmp_path):
     tune.save(tmp_path / "tune.json")
     assert predicted_from_record(tmp_path / "tune.json") == 256
     RunRecord(kind="probe-memory", workload={}, environment={}).save(tmp_path / "memory.json")
-    with pytest.raises(UsageError, match="no recommended batch size"):
+    with pytest.raises(UsageError, match=r"recommendation\.batch_size=None must be a positive "
+                                         r"integer \(in run record .*memory\.json' of kind "
+                                         r"'probe-memory'; pass the record of a `batchscope tune`"):
         predicted_from_record(tmp_path / "memory.json")
 
 
 def test_the_shared_reference_trial_starts_every_rules_line():
     # The grid trains the reference batch (32 here) once, as b32-linear; the sqrt line of the
     # final-metric plot must still start there rather than at 64.
-    from batchscope.sweep.plots import final_metric_figure
+    from batchscope.sweep.plots import final_metric_figure, time_figure
 
     trials = [
         _trial(32, "linear", [0.3, 0.5, 0.6, 0.7]),
@@ -94,10 +96,10 @@ def test_the_shared_reference_trial_starts_every_rules_line():
     ]
     built = SweepResult.build(trials, higher_is_better=True, target_metric=None,
                               metric_name="accuracy", config={"reference_batch_size": 32})
-    lines = {line.get_label(): list(line.get_xdata())
-             for line in final_metric_figure(built).axes[0].get_lines()}
-    assert lines["LR rule: linear"] == [32, 64]
-    assert lines["LR rule: sqrt"] == [32, 64]
+    for figure in (final_metric_figure(built), time_figure(built)):
+        lines = {line.get_label(): list(line.get_xdata()) for line in figure.axes[0].get_lines()}
+        assert lines["LR rule: linear"] == [32, 64]
+        assert lines["LR rule: sqrt"] == [32, 64]
     unshared = SweepResult.build(trials, higher_is_better=True, target_metric=None,
                                  metric_name="accuracy", config={"reference_batch_size": 16})
     lines = {line.get_label(): list(line.get_xdata())
