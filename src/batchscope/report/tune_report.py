@@ -16,12 +16,11 @@ def write_tune_report(record: RunRecord, out_dir: str | Path, html_path: str | P
     sections = record.sections
     reference = record.workload.get("reference_batch_size")
     figures = tune_figures(sections, reference)
-    save_figures(out / "plots", figures)
     return write_html_report(
         html_path or out / "report.html",
         title=f"batchscope tune — {record.workload.get('name', 'workload')}",
         subtitle=_subtitle(record),
-        figures=figures,
+        figures=save_figures(out / "plots", figures),
         tables=_tables(sections, record.workload),
         notes=_notes(sections, record.errors),
     )

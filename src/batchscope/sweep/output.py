@@ -55,11 +55,10 @@ def render_outputs(result: SweepResult, out_dir: Path, *, title: str,
     from batchscope.sweep.plots import sweep_figures
 
     figures = sweep_figures(result)
-    save_figures(out_dir / FIGURES_DIR, figures)
     path = write_html_report(
         html_path or out_dir / HTML_NAME,
         title,
-        figures,
+        save_figures(out_dir / FIGURES_DIR, figures),
         tables=[("Trials", result.table()), ("Pareto front", _front_rows(result))],
         notes=report_notes(result),
         subtitle=_subtitle(result),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from batchscope.report.html import save_figures, write_html_report
+from batchscope.report.html import inline_svg, save_figures, write_html_report
 
 
 def _figure():
@@ -29,6 +29,11 @@ def test_report_inlines_svg_and_escapes_text(tmp_path):
 
 
 def test_save_figures_writes_png_and_svg(tmp_path):
-    written = save_figures(tmp_path, [("Peak memory vs batch size", _figure())])
-    assert sorted(p.name for p in written) == ["peak-memory-vs-batch-size.png", "peak-memory-vs-batch-size.svg"]
-    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = save_figures(tmp_path, [("Peak memory vs batch size", _figure())])
+    png, svg = saved[0].paths
+    assert (png.name, svg.name) == ("peak-memory-vs-batch-size.png", "peak-memory-vs-batch-size.svg")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The report inlines the very SVG that was written, drawn once.
+    assert svg.read_text() == saved[0].svg and saved[0].svg.lstrip().startswith("<?xml")
+    html = write_html_report(tmp_path / "r.html", "t", saved).read_text()
+    assert inline_svg(saved[0].svg) in html and html.count("<svg") == 1
