@@ -1,17 +1,17 @@
 """The throughput probe's orchestration, on workloads whose step time is known.
 
-The fake workload's loss takes `a + b * B` seconds (its model is a tiny linear layer), so the true
-throughput is `B / (a + b * B)` and every derived answer (knee, early stop, data wait) is known in
-advance. Most tests run it on a simulated clock that the loss advances instead of sleeping: the
-answers are then exact, and immune to a loaded machine. Two tests sleep for real, to show the same
-code measures wall time correctly, with tolerances that allow for the machine's noise.
+The workloads (throughput_fakes.py) take a known time per step, so every answer is known in
+advance; most tests run them on a simulated clock. One test sleeps for real, to show the same code
+measures wall time correctly, with tolerances that allow for the machine's noise. The input
+pipeline check has its own file, test_throughput_pipeline.py.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,87 +23,8 @@ from batchscope.probes.throughput import geometric_grid, measure_throughput
 from batchscope.record import to_jsonable
 from batchscope.workload import Workload
 
-class SimulatedClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def wait(seconds: float, clock: SimulatedClock | None) -> None:
-    if clock is None:
-        time.sleep(seconds)
-    else:
-        clock.advance(seconds)
-
-
-class TimedLoss:
-    """Mean-squared error that takes `a + b * B` seconds (plus `slow_extra` during its first
-    `slow_calls` calls, like cuDNN autotuning or allocator growth), on `clock` or for real."""
-
-    def __init__(self, a: float, b: float, clock: SimulatedClock | None = None,
-                 slow_calls: int = 0, slow_extra: float = 0.0,
-                 oom_from: int | None = None) -> None:
-        self.a, self.b, self.clock = a, b, clock
-        self.slow_calls, self.slow_extra = slow_calls, slow_extra
-        self.oom_from = oom_from
-        self.calls = 0
-
-    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        inputs, targets = batch
-        size = inputs.shape[0]
-        if self.oom_from is not None and size >= self.oom_from:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        seconds = self.a + self.b * size
-        if self.calls < self.slow_calls:
-            seconds += self.slow_extra
-        self.calls += 1
-        wait(seconds, self.clock)
-        return nn.functional.mse_loss(model(inputs).float(), targets)
-
-
-def make_batch(batch_size: int, device: torch.device, generator: torch.Generator):
-    return (torch.randn(batch_size, 4, generator=generator).to(device),
-            torch.randn(batch_size, 1, generator=generator).to(device))
-
-
-def timed_workload(loss, **changes) -> Workload:
-    fields = dict(
-        name="timed",
-        build_model=lambda device: nn.Linear(4, 1).to(device),
-        build_optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
-        loss=loss,
-        make_batch=make_batch,
-        reference_batch_size=32,
-        reference_lr=0.01,
-    )
-    fields.update(changes)
-    return Workload(**fields)
-
-
-def timed_loader(seconds: float, clock: SimulatedClock | None = None):
-    """A data loader whose every batch takes `seconds` to produce (a finite epoch of 4 batches,
-    so the probe must restart it)."""
-
-    def data_loader(batch_size: int, device: torch.device):
-        generator = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            wait(seconds, clock)
-            yield make_batch(batch_size, device, generator)
-
-    return data_loader
-
-
-def simulated(a: float, b: float, **loss_options):
-    """A simulated clock and a workload whose loss advances it by `a + b * B` per step."""
-    clock = SimulatedClock()
-    return clock, timed_workload(TimedLoss(a, b, clock, **loss_options))
+sys.path.insert(0, str(Path(__file__).parent))  # the fakes live beside this file
+from throughput_fakes import SimulatedClock, TimedLoss, simulated, timed_workload  # noqa: E402
 
 
 # -- throughput per batch size -----------------------------------------------------------------
@@ -233,71 +154,6 @@ def test_time_cap_per_point_cuts_warmup_and_timed_steps():
 
 
 # -- input pipeline ----------------------------------------------------------------------------
-
-
-def test_a_slow_data_loader_is_flagged_with_its_numbers():
-    compute, loading = 0.01, 0.03
-    clock = SimulatedClock()
-    workload = timed_workload(TimedLoss(compute, 0.0, clock),
-                              data_loader=timed_loader(loading, clock))
-    result = measure_throughput(workload, device="cpu", batch_sizes=[32], warmup_steps=1,
-                                timed_steps=5, clock=clock)
-    pipeline = result.to_dict()["input_pipeline"]
-    assert pipeline["measured"] is True
-    assert pipeline["batch_size"] == 32
-    assert pipeline["bottleneck"] is True
-    assert pipeline["compute_samples_per_s"] == pytest.approx(32 / compute)
-    assert pipeline["pipeline_samples_per_s"] == pytest.approx(32 / (compute + loading))
-    assert pipeline["data_s"] == pytest.approx(loading)
-    assert pipeline["data_wait_fraction"] == pytest.approx(loading / (compute + loading))
-    assert "caps throughput" in pipeline["note"] and "batch size 32" in pipeline["note"]
-    assert "800.0 samples/s against 3200.0" in pipeline["note"]
-
-
-def test_a_slow_data_loader_is_flagged_with_real_sleeps():
-    # Loading takes 3x the compute: flagged however loaded the machine is (exact numbers are
-    # checked on the simulated clock above).
-    compute, loading = 0.02, 0.06
-    workload = timed_workload(TimedLoss(compute, 0.0), data_loader=timed_loader(loading))
-    result = measure_throughput(workload, device="cpu", batch_sizes=[32], warmup_steps=1,
-                                timed_steps=3)
-    (check,) = result.input_pipeline.checks
-    assert check.bottleneck
-    assert check.data_s >= loading
-    assert check.pipeline_samples_per_s < check.compute_samples_per_s
-
-
-@pytest.mark.parametrize(("loading", "bottleneck"), [(0.0, False), (0.001, False),
-                                                     (0.0012, True)])
-def test_bottleneck_threshold_is_ninety_percent_of_compute(loading, bottleneck):
-    # 10 ms of compute: 1 ms of loading leaves 91% of the throughput, 1.2 ms leaves 89%.
-    clock = SimulatedClock()
-    workload = timed_workload(TimedLoss(0.01, 0.0, clock), data_loader=timed_loader(loading, clock))
-    result = measure_throughput(workload, device="cpu", batch_sizes=[8, 16], warmup_steps=1,
-                                timed_steps=3, clock=clock)
-    pipeline = result.input_pipeline
-    # Constant step time: the knee (16 at fraction 0.95) is also the best; checked once.
-    assert [check.batch_size for check in pipeline.checks] == [16]
-    assert pipeline.bottleneck is bottleneck
-    assert pipeline.note.startswith("the input pipeline caps" if bottleneck
-                                    else "the input pipeline keeps up")
-
-
-def test_a_data_loader_that_yields_nothing_is_a_usage_error():
-    clock = SimulatedClock()
-    workload = timed_workload(TimedLoss(0.001, 0.0, clock), data_loader=lambda b, device: iter(()))
-    with pytest.raises(UsageError, match="data_loader yielded no batches"):
-        measure_throughput(workload, device="cpu", batch_sizes=[8], warmup_steps=1,
-                           timed_steps=3, clock=clock)
-
-
-def test_no_data_loader_is_reported_as_not_measured():
-    clock, workload = simulated(0.001, 0.0)
-    result = measure_throughput(workload, device="cpu", batch_sizes=[8], warmup_steps=1,
-                                timed_steps=3, clock=clock)
-    pipeline = result.to_dict()["input_pipeline"]
-    assert pipeline["measured"] is False and pipeline["bottleneck"] is None
-    assert "no data_loader" in pipeline["note"]
 
 
 # -- out of memory, errors ---------------------------------------------------------------------
