@@ -43,6 +43,7 @@ def test_workloads_json_lists_the_seed_with_its_reference_settings(capsys):
         (["tune", "-w", "small-cnn-cifar10", "--bogus"], "No such option: --bogus"),
         (["tune", "-w", "no-such-workload"], "unknown workload 'no-such-workload'"),
         (["tune", "-w", "small-cnn-cifar10", "--budget", "3"], "budget=3.0 seconds is too small"),
+        (["tune", "-w", "small-cnn-cifar10", "--lr-rule", "cubic"], "LR rule 'cubic' is unknown"),
         (["tune", "-w", "small-cnn-cifar10", "--target", "accuracy"], "target='accuracy'"),
         (["tune", "-w", "small-cnn-cifar10", "--device", "tpu"], "device 'tpu'"),
         (["tune", "-w", "small-cnn-cifar10", "-o", "train_size"], "is not KEY=VALUE"),
