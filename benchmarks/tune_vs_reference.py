@@ -140,10 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"tune: {tune_seconds:.1f} s -> batch {recommendation.batch_size}, LR "
          f"{recommendation.learning_rate:.4g}, warmup {recommendation.warmup_steps} steps, "
          f"accumulation {recommendation.grad_accumulation}")
-    if recommendation.grad_accumulation > 1:
-        _say(f"note: the recommendation accumulates {recommendation.grad_accumulation} x "
-             f"{recommendation.per_device_batch_size}; the trial runner has no accumulation, so "
-             f"batch {recommendation.batch_size} is trained in one step and may run out of memory")
 
     plans = _run_plans(workload, recommendation, epochs, args.evals_per_epoch, args.seed)
     alternative = None
@@ -231,11 +227,15 @@ def _run_plans(workload: Workload, recommendation: Recommendation, epochs: int,
                      if steps_per_epoch > 0 else 0.0)
     recommended = GridPoint(recommendation.batch_size, recommendation.lr_rule,
                             learning_rate=recommendation.learning_rate)
+    # Accumulated as recommended when the batch does not fit in one pass.
+    micro = (recommendation.per_device_batch_size if recommendation.grad_accumulation > 1
+             else None)
     reference = GridPoint(workload.reference_batch_size, "none",
                           learning_rate=workload.reference_lr)
     return [
         ("recommended", recommended,
-         TrialSettings(epochs, evals_per_epoch, seed, rule_warmup_epochs=warmup_epochs)),
+         TrialSettings(epochs, evals_per_epoch, seed, rule_warmup_epochs=warmup_epochs,
+                       max_micro_batch_size=micro)),
         ("reference", reference,
          TrialSettings(epochs, evals_per_epoch, seed, rule_warmup_epochs=0.0)),
     ]

@@ -9,10 +9,13 @@ steps, as in a real training loop).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
+from batchscope.errors import UsageError
 from batchscope.guard import StateGuard
 from batchscope.workload import Batch, Workload
 
@@ -86,3 +89,54 @@ def train_step(
     loss = forward_backward(workload, model, batch, device, scaler)
     optimizer_step(optimizer, scaler)
     return loss
+
+
+def accumulated_train_step(
+    workload: Workload,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    device: torch.device,
+    micro_batch_size: int,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """One optimizer step over `batch`, taken as micro-batches of at most `micro_batch_size`
+    examples (along dim 0) whose gradients add up to the whole batch's: a mean loss is weighted
+    by each micro-batch's share, a sum loss is not. What differs from one big step is only what
+    must: BatchNorm normalises each micro-batch by its own statistics. Returns the detached loss
+    of the whole batch."""
+    total = examples_in(batch)
+    if total <= micro_batch_size:
+        return train_step(workload, model, optimizer, batch, device, scaler)
+    loss_sum = torch.zeros((), device=device)
+    start = 0
+    for size in split_sizes(total, math.ceil(total / micro_batch_size)):
+        part = slice_batch(batch, start, start + size)
+        start += size
+        with autocast(workload, device):
+            loss = workload.loss(model, part)
+            if workload.loss_reduction == "mean":
+                loss = loss * (size / total)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach().float()
+    optimizer_step(optimizer, scaler)
+    return loss_sum
+
+
+def examples_in(batch: Batch) -> int:
+    """Examples in a batch: the first dimension of its tensors."""
+    leaves = [leaf for leaf in pytree.tree_leaves(batch) if isinstance(leaf, torch.Tensor)]
+    if not leaves or leaves[0].dim() == 0:
+        raise UsageError("splitting a batch needs its tensors to hold the examples along dim 0")
+    return int(leaves[0].shape[0])
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Examples `start:stop` of every tensor in the batch (other leaves are kept as they are)."""
+    return pytree.tree_map(lambda leaf: leaf[start:stop] if isinstance(leaf, torch.Tensor) else leaf, batch)
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """`total` as `parts` near-equal positive sizes."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]

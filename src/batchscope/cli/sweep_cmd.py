@@ -59,6 +59,10 @@ def command(
     ),
     evals_per_epoch: int = typer.Option(2, "--evals-per-epoch", help="Evaluations per epoch (the samples grid)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every trial (same init and data order per batch size)."),
+    micro_batch_size: Optional[int] = typer.Option(
+        None, "--micro-batch-size",
+        help="Train larger batches as accumulated micro-batches of this size (e.g. what "
+        "`probe memory` says fits)."),
     no_report: bool = typer.Option(
         False, "--no-report", help="Skip the figures and HTML (record and CSV are still written)."
     ),
@@ -88,6 +92,7 @@ def command(
         workload_options=parse_options(option),
         evals_per_epoch=evals_per_epoch,
         seed=seed,
+        max_micro_batch_size=micro_batch_size,
         progress=progress,
         report=not no_report,
     )

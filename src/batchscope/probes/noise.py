@@ -341,7 +341,7 @@ def _slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     leaves = [leaf for leaf in pytree.tree_leaves(batch) if isinstance(leaf, torch.Tensor)]
     if not leaves:
         raise UsageError("method='per_example' needs batches whose tensors have the examples along dim 0")
-    return pytree.tree_map(lambda leaf: leaf[start:stop] if isinstance(leaf, torch.Tensor) else leaf, batch)
+    return steps_module.slice_batch(batch, start, stop)
 
 
 # -- set-up ---------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def _train(
     chunks = math.ceil(reference / micro)
     optimizer = workload.build_optimizer(model.parameters(), workload.reference_lr)
     for _ in range(train_steps):
-        for size in _split(reference, chunks):
+        for size in steps_module.split_sizes(reference, chunks):
             batch = workload.sample(size, device, generator)
             with steps_module.autocast(workload, device):
                 # Each chunk's share of a reference-batch mean (or its sum, for sum losses).
@@ -377,12 +377,6 @@ def _train(
         f"constant lr {workload.reference_lr:g}"
     )
     return optimizer
-
-
-def _split(total: int, parts: int) -> list[int]:
-    """`total` as `parts` near-equal positive sizes."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _check_adam_state(precondition: Precondition, optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:

@@ -94,6 +94,7 @@ def sweep(
     evals_per_epoch: int = 2,
     seed: int = 0,
     warmup_epochs: float | None = None,
+    max_micro_batch_size: int | None = None,
     progress: Progress | None = None,
     ray_address: str | None = None,
     heartbeat_interval: float = 10.0,
@@ -124,6 +125,9 @@ def sweep(
             marked on the plots.
         evals_per_epoch: evaluation points per epoch (the samples grid; pruning steps).
         warmup_epochs: the LR rule's warmup length (default: 5 epochs, at most 20% of a trial).
+        max_micro_batch_size: train larger batches as accumulated micro-batches of at most
+            this many examples (e.g. `probe_memory`'s recommendation), so the grid may go past
+            what fits in one pass.
         progress: called with a one-line message after each evaluation.
         report: also draw the figures and the HTML report (the record and CSV are always
             written; workers of a shared sweep can leave the report to one of them).
@@ -144,7 +148,8 @@ def sweep(
             f"needs to train and score real epochs"
         )
     sizes = validate_batch_sizes(batch_sizes, resolved.dataset_size)
-    settings = TrialSettings(epochs, evals_per_epoch, seed, target_metric, warmup_epochs)
+    settings = TrialSettings(epochs, evals_per_epoch, seed, target_metric, warmup_epochs,
+                             max_micro_batch_size)
     predicted = _predicted(predicted_batch_size)
     space = (
         SearchSpace.around(sizes, resolved.reference_batch_size, resolved.reference_lr)
@@ -323,6 +328,8 @@ def _study_config(
         "evals_per_epoch": settings.evals_per_epoch,
         "seed": settings.seed,
         "warmup_epochs": settings.rule_warmup_epochs,
+        # Accumulation changes what BatchNorm sees, so a resumed study must keep it.
+        "max_micro_batch_size": settings.max_micro_batch_size,
         "mode": mode,
         "search_space": space.to_dict() if space is not None else None,
     }

@@ -26,7 +26,7 @@ from batchscope import device as devices
 from batchscope.errors import UsageError
 from batchscope.guard import StateGuard
 from batchscope.oom import run_catching_oom
-from batchscope.step import build_model, needs_grad_scaler, train_step
+from batchscope.step import accumulated_train_step, build_model, needs_grad_scaler, train_step
 from batchscope.sweep.grid import GridPoint
 from batchscope.sweep.schedule import LrSchedule, plan_schedule
 from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings, summarise
@@ -92,6 +92,10 @@ def run_trial(
         total_steps=schedule.total_steps,
         seed=settings.seed,
     )
+    micro = _micro_batch_size(point, settings)
+    if micro is not None:
+        record.extra.update(micro_batch_size=micro,
+                            accumulation=math.ceil(point.batch_size / micro))
     started = time.perf_counter()
     # A `Workload.from_objects` factory hands back the user's own model: the guard puts it back
     # as it was (weights, buffers, train/eval flags), so the sweep leaves it untouched and every
@@ -121,7 +125,8 @@ def _train(
     on_eval: OnEval | None,
     guard: StateGuard,
 ) -> None:
-    _burn_in(workload, point, device, schedule.peak_lr)
+    micro = _micro_batch_size(point, settings)
+    _burn_in(workload, point, device, schedule.peak_lr, micro)
     _seed_everything(settings.seed, device)
     model = build_model(workload, device, guard)
     optimizer = workload.build_optimizer(model.parameters(), schedule.peak_lr)
@@ -145,7 +150,11 @@ def _train(
             for group, share in zip(optimizer.param_groups, group_peaks):
                 group["lr"] = lr * share
             # Summed on the device: reading the loss every step would sync every step.
-            loss_sum += train_step(workload, model, optimizer, batch, device, scaler).float()
+            if micro is None:
+                loss_sum += train_step(workload, model, optimizer, batch, device, scaler).float()
+            else:
+                loss_sum += accumulated_train_step(workload, model, optimizer, batch, device,
+                                                   micro, scaler).float()
             loss_steps += 1
             step += 1
             while next_eval < len(targets) and targets[next_eval] == step:
@@ -189,7 +198,14 @@ def _train(
         )
 
 
-def _burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: float) -> None:
+def _micro_batch_size(point: GridPoint, settings: TrialSettings) -> int | None:
+    """The micro-batch when this point's batch exceeds the sweep's largest forward pass."""
+    limit = settings.max_micro_batch_size
+    return limit if limit is not None and point.batch_size > limit else None
+
+
+def _burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: float,
+             micro: int | None = None) -> None:
     """One untimed step on a throwaway model, so one-time costs (decoding the dataset into its
     cache, the CUDA context, cuDNN autotuning for this batch shape) are not charged to whichever
     trial happens to run first.
@@ -204,7 +220,9 @@ def _burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: flo
         model = build_model(workload, device, guard)
         optimizer = workload.build_optimizer(model.parameters(), lr)
         batch = next(iter(workload.epoch_batches(point.batch_size, device, 0)), None)
-        if batch is not None:
+        if batch is not None and micro is not None:
+            accumulated_train_step(workload, model, optimizer, batch, device, micro)
+        elif batch is not None:
             train_step(workload, model, optimizer, batch, device)
         devices.synchronize(device)
 

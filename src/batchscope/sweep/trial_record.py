@@ -26,11 +26,18 @@ class TrialSettings:
     seed: int = 0
     target_metric: float | None = None
     rule_warmup_epochs: float | None = None
+    max_micro_batch_size: int | None = None
+    """Larger batches are trained as accumulated micro-batches of at most this many examples
+    (e.g. the memory probe's answer); None trains every batch in one pass."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "evals_per_epoch"):
             # Frozen: store the plain int, so a numpy integer serialises like any other.
             object.__setattr__(self, name, require_int(name, getattr(self, name), hint="e.g. 2"))
+        if self.max_micro_batch_size is not None:
+            object.__setattr__(self, "max_micro_batch_size", require_int(
+                "max_micro_batch_size", self.max_micro_batch_size,
+                hint="the most examples one forward pass may hold, e.g. the memory probe's answer"))
 
     @property
     def eval_points(self) -> int:

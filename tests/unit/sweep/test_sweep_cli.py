@@ -35,6 +35,17 @@ def test_json_lists_every_finished_trial_and_the_front(app, tmp_path):
     assert (tmp_path / "trials.csv").exists() and (tmp_path / "report.html").exists()
 
 
+def test_micro_batch_size_accumulates_the_batches_above_it(app, tmp_path):
+    result = CliRunner().invoke(app, [
+        "sweep", "-w", ENTRY, "-b", "16,64", "--epochs", "1", "--micro-batch-size", "16",
+        "--out", str(tmp_path), "--no-report", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    extras = {t["key"]: t["extra"] for t in json.loads(result.stdout)["trials"]}
+    assert "micro_batch_size" not in extras["b16-linear"]
+    assert (extras["b64-linear"]["micro_batch_size"], extras["b64-linear"]["accumulation"]) == (16, 4)
+
+
 def test_human_output_shows_the_table_and_the_files(app, tmp_path):
     result = CliRunner().invoke(app, [
         "sweep", "-w", ENTRY, "-b", "16,32", "--out", str(tmp_path), "--predicted", "32",

@@ -133,3 +133,28 @@ def test_trial_runner_leaves_the_callers_rng_untouched(tiny):
     assert (random.random(), torch.rand(1).item()) == expected
     assert messages[0].startswith("[b16-none] epoch 0.5: accuracy ")
     assert messages[-1].startswith("[b16-none] complete")
+
+
+def test_a_batch_past_the_micro_batch_limit_is_accumulated_to_the_same_result(tiny):
+    # The tiny model has no BatchNorm, so 64 as micro-batches of 22, 21, 21 (64 in
+    # ceil(64/24) = 3 near-equal parts) must train the same model as 64 in one pass; with
+    # forward passes above 32 failing as out of memory, only the accumulated trial completes.
+    point = GridPoint(64, "linear")
+    whole = run_trial(tiny(), point, TrialSettings(epochs=2, evals_per_epoch=1), torch.device("cpu"))
+    too_big = run_trial(tiny(oom_above=32), point, TrialSettings(epochs=2, evals_per_epoch=1),
+                        torch.device("cpu"))
+    accumulated = run_trial(tiny(oom_above=32), point,
+                            TrialSettings(epochs=2, evals_per_epoch=1, max_micro_batch_size=24),
+                            torch.device("cpu"))
+    assert too_big.outcome == "oom"
+    assert accumulated.outcome == "complete"
+    assert accumulated.extra == {"micro_batch_size": 24, "accumulation": 3}
+    assert accumulated.steps_done == whole.steps_done == 2 * (256 // 64)
+    for mine, theirs in zip(accumulated.curve, whole.curve, strict=True):
+        assert mine.metric == pytest.approx(theirs.metric, abs=1e-6)
+        assert mine.train_loss == pytest.approx(theirs.train_loss, rel=1e-5)
+    # Batches within the limit are not touched.
+    small = run_trial(tiny(), GridPoint(16, "linear"),
+                      TrialSettings(epochs=1, evals_per_epoch=1, max_micro_batch_size=24),
+                      torch.device("cpu"))
+    assert small.extra == {}
