@@ -113,16 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                      "lr_rules": rules, "tolerance_points": args.tolerance, "seed": args.seed,
                      "bf16": args.bf16, "cpu_smoke": args.cpu_smoke},
     }
-    save = tvr._saver(args.out, results)
+    save = tvr.saver(args.out, results)
     started = time.perf_counter()
 
-    tvr._pay_one_time_costs(workload, device)
-    tuned, tune_seconds = tvr._run_tune(workload, device, budget, args.work / "tune")
+    tvr.pay_one_time_costs(workload, device)
+    tuned, tune_seconds = tvr.run_tune(workload, device, budget, args.work / "tune")
     recommendation = tuned.recommendation
     results["tune"] = {"wall_seconds": tune_seconds,
                        "recommendation": recommendation.to_dict(), "record": tuned.to_dict()}
     save()
-    tvr._say(f"tune: {tune_seconds:.1f} s -> batch {recommendation.batch_size}, LR "
+    tvr.say(f"tune: {tune_seconds:.1f} s -> batch {recommendation.batch_size}, LR "
              f"{recommendation.learning_rate:.4g} ({recommendation.lr_rule}), warmup "
              f"{recommendation.warmup_steps} steps, accumulation "
              f"{recommendation.grad_accumulation}")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         setup.workload, sizes, rules, epochs=epochs, device=device,
         out_dir=args.work / "sweep", pruning=False,
         predicted_batch_size=recommendation.batch_size, workload_options=options,
-        evals_per_epoch=1, seed=args.seed, progress=tvr._say,
+        evals_per_epoch=1, seed=args.seed, progress=tvr.say,
     )
     results["sweep"] = swept.to_dict()
     save()
@@ -139,17 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     reference = _reference_trial(swept, workload)
     recommended = _matching_trial(swept, recommendation)
     if recommended is None:
-        tvr._say("the recommendation is not a sweep point: training it with the same runner")
-        for label, point, settings in tvr._run_plans(workload, recommendation, epochs, 1,
+        tvr.say("the recommendation is not a sweep point: training it with the same runner")
+        for label, point, settings in tvr.run_plans(workload, recommendation, epochs, 1,
                                                      args.seed):
             if label == "recommended":
                 devices.release_memory(device)
                 recommended = run_trial(workload, point, settings, device,
-                                        on_eval=tvr._progress(label, epochs))
+                                        on_eval=tvr.progress(label, epochs))
     assert recommended is not None
     results["recommended_run"] = {"from_sweep": recommended.key in {t.key for t in swept.trials},
                                   "record": recommended.to_dict()}
-    summary = tvr._summarise(recommended, reference, recommendation, tune_seconds,
+    summary = tvr.summarise(recommended, reference, recommendation, tune_seconds,
                              args.tolerance)
     results["summary"] = summary
     save()
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
 
     render(rescored)
-    tvr._print_table({"recommended": recommended, "reference": reference}, summary, workload,
+    tvr.print_table({"recommended": recommended, "reference": reference}, summary, workload,
                      device)
     _print_best_range(best_range, recommended)
     print(f"\ntotal {results['total_seconds']:.0f} s; files under {args.work}")

@@ -129,54 +129,54 @@ def main(argv: list[str] | None = None) -> int:
                      args.evals_per_epoch, "tolerance_points": args.tolerance,
                      "seed": args.seed, "bf16": args.bf16, "cpu_smoke": args.cpu_smoke},
     }
-    save = _saver(args.out, results)
+    save = saver(args.out, results)
 
-    _pay_one_time_costs(workload, device)
-    tuned, tune_seconds = _run_tune(workload, device, budget, args.tune_out)
+    pay_one_time_costs(workload, device)
+    tuned, tune_seconds = run_tune(workload, device, budget, args.tune_out)
     recommendation = tuned.recommendation
     results["tune"] = {"wall_seconds": tune_seconds,
                        "recommendation": recommendation.to_dict(), "record": tuned.to_dict()}
     save()
-    _say(f"tune: {tune_seconds:.1f} s -> batch {recommendation.batch_size}, LR "
+    say(f"tune: {tune_seconds:.1f} s -> batch {recommendation.batch_size}, LR "
          f"{recommendation.learning_rate:.4g}, warmup {recommendation.warmup_steps} steps, "
          f"accumulation {recommendation.grad_accumulation}")
 
-    plans = _run_plans(workload, recommendation, epochs, args.evals_per_epoch, args.seed)
+    plans = run_plans(workload, recommendation, epochs, args.evals_per_epoch, args.seed)
     alternative = None
     if args.also_lr_rule:
         alternative = tuned.with_lr_rule(args.also_lr_rule)
         if (alternative.learning_rate, alternative.warmup_steps) == (
                 recommendation.learning_rate, recommendation.warmup_steps):
-            _say(f"also: rule {args.also_lr_rule} gives the recommendation's own LR and warmup "
+            say(f"also: rule {args.also_lr_rule} gives the recommendation's own LR and warmup "
                  f"({alternative.lr_rule}); nothing more to train")
             alternative = None
     if alternative is not None:
         label = f"recommended-{alternative.lr_rule}"
-        _, point, settings = _run_plans(workload, alternative, epochs, args.evals_per_epoch,
+        _, point, settings = run_plans(workload, alternative, epochs, args.evals_per_epoch,
                                         args.seed)[0]
         plans.append((label, point, settings))  # after the reference: a timeout keeps the pair
         results["alternative"] = {"label": label, "recommendation": alternative.to_dict()}
-        _say(f"also: {alternative.lr_rule} rule -> LR {alternative.learning_rate:.4g}, warmup "
+        say(f"also: {alternative.lr_rule} rule -> LR {alternative.learning_rate:.4g}, warmup "
              f"{alternative.warmup_steps} steps")
     runs: dict[str, TrialRecord] = {}
     results["runs"] = {}
     for label, point, settings in plans:
         devices.release_memory(device)
         runs[label] = run_trial(workload, point, settings, device,
-                                on_eval=_progress(label, epochs))
+                                on_eval=progress(label, epochs))
         results["runs"][label] = runs[label].to_dict()
         save()
 
-    summary = _summarise(runs["recommended"], runs["reference"], recommendation, tune_seconds,
+    summary = summarise(runs["recommended"], runs["reference"], recommendation, tune_seconds,
                          args.tolerance)
     results["summary"] = summary
     if alternative is not None:
         label = results["alternative"]["label"]
-        results["alternative"]["summary"] = _summarise(
+        results["alternative"]["summary"] = summarise(
             runs[label], runs["reference"], alternative, tune_seconds, args.tolerance)
     results["runs"] = {label: record.to_dict() for label, record in runs.items()}
     save()
-    _print_table(runs, summary, workload, device)
+    print_table(runs, summary, workload, device)
     if alternative is not None:
         alt = results["alternative"]
         print(f"\n{alt['label']} (LR {alternative.learning_rate:.4g}, warmup "
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 # -- stages -------------------------------------------------------------------------------------
 
 
-def _pay_one_time_costs(workload: Workload, device: torch.device) -> None:
+def pay_one_time_costs(workload: Workload, device: torch.device) -> None:
     """One untimed step at the reference batch on a throwaway model: dataset decoding, the
     CUDA context and cuDNN handles are the process's costs, not tuning's."""
     model = build_model(workload, device)
@@ -205,18 +205,18 @@ def _pay_one_time_costs(workload: Workload, device: torch.device) -> None:
     devices.release_memory(device)
 
 
-def _run_tune(workload: Workload, device: torch.device, budget: float,
+def run_tune(workload: Workload, device: torch.device, budget: float,
               out_dir: Path | None) -> tuple[Any, float]:
     started = time.perf_counter()
     result = tune(workload, device=device, budget_s=budget, out_dir=out_dir,
-                  progress=lambda message: _say(f"tune: {message}"))
+                  progress=lambda message: say(f"tune: {message}"))
     devices.synchronize(device)
     seconds = time.perf_counter() - started
     devices.release_memory(device)
     return result, seconds
 
 
-def _run_plans(workload: Workload, recommendation: Recommendation, epochs: int,
+def run_plans(workload: Workload, recommendation: Recommendation, epochs: int,
                evals_per_epoch: int, seed: int) -> list[tuple[str, GridPoint, TrialSettings]]:
     """(label, point, settings) of both runs; the recommended one first."""
     steps_per_epoch = (workload.dataset_size or 0) // recommendation.batch_size
@@ -241,7 +241,7 @@ def _run_plans(workload: Workload, recommendation: Recommendation, epochs: int,
     ]
 
 
-def _summarise(recommended: TrialRecord, reference: TrialRecord,
+def summarise(recommended: TrialRecord, reference: TrialRecord,
                recommendation: Recommendation, tune_seconds: float,
                tolerance_points: float) -> dict[str, Any]:
     summary: dict[str, Any] = {
@@ -296,27 +296,27 @@ def _summarise(recommended: TrialRecord, reference: TrialRecord,
 # -- output -------------------------------------------------------------------------------------
 
 
-def _saver(path: Path | None, results: dict[str, Any]) -> Any:
+def saver(path: Path | None, results: dict[str, Any]) -> Any:
     def save() -> None:
         if path is not None:
             write_json_atomic(path, results)
     return save
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _progress(label: str, epochs: int) -> Any:
+def progress(label: str, epochs: int) -> Any:
     def on_eval(point: EvalPoint, record: TrialRecord) -> bool:
         loss = "-" if point.train_loss is None else f"{point.train_loss:.3f}"
-        _say(f"[{label} b{record.batch_size}] epoch {point.epoch:g}/{epochs}: accuracy "
+        say(f"[{label} b{record.batch_size}] epoch {point.epoch:g}/{epochs}: accuracy "
              f"{point.metric:.2%}, train loss {loss}, {point.train_seconds:.1f} s training")
         return False
     return on_eval
 
 
-def _print_table(runs: dict[str, TrialRecord], summary: dict[str, Any], workload: Workload,
+def print_table(runs: dict[str, TrialRecord], summary: dict[str, Any], workload: Workload,
                  device: torch.device) -> None:
     recommended, reference = runs["recommended"], runs["reference"]
     tune_s = summary["tune_seconds"]

@@ -77,13 +77,13 @@ def test_bad_arguments_stop_before_any_tuning(
 ) -> None:
     # A typo must not cost a tune budget first: both scripts refuse it while parsing.
     tvr = _load("tune_vs_reference")
-    monkeypatch.setattr(tvr, "_run_tune", lambda *a, **k: pytest.fail("tuned"))
+    monkeypatch.setattr(tvr, "run_tune", lambda *a, **k: pytest.fail("tuned"))
     with pytest.raises(SystemExit) as stopped:
         tvr.main(["--cpu-smoke", "--also-lr-rule", "cubic"])
     assert stopped.value.code == 2 and "--also-lr-rule 'cubic'" in capsys.readouterr().err
 
     seed = _load("seed_experiment")
-    monkeypatch.setattr(seed.tvr, "_run_tune", lambda *a, **k: pytest.fail("tuned"))
+    monkeypatch.setattr(seed.tvr, "run_tune", lambda *a, **k: pytest.fail("tuned"))
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "optuna-journal.log").write_text("{}")
     for args, message in (
