@@ -124,11 +124,25 @@ def accumulated_train_step(
 
 
 def examples_in(batch: Batch) -> int:
-    """Examples in a batch: the first dimension of its tensors."""
-    leaves = [leaf for leaf in pytree.tree_leaves(batch) if isinstance(leaf, torch.Tensor)]
-    if not leaves or leaves[0].dim() == 0:
-        raise UsageError("splitting a batch needs its tensors to hold the examples along dim 0")
-    return int(leaves[0].shape[0])
+    """Examples in a batch: the first dimension its tensors share. A batch is split for
+    accumulation only when every tensor in it holds the examples along dim 0."""
+    leaves = pytree.tree_leaves(batch)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    if not tensors:
+        raise UsageError(
+            f"cannot split a {type(batch).__name__} batch into micro-batches (no tensors found "
+            f"in it); return tuples or dicts of tensors from epoch_batches, or drop "
+            f"--micro-batch-size / max_micro_batch_size"
+        )
+    sizes = {tuple(t.shape[:1]) for t in tensors}
+    if len(sizes) != 1 or () in sizes:
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        raise UsageError(
+            f"cannot split this batch into micro-batches: its tensors do not share a first "
+            f"(examples) dimension (shapes {shapes}); drop --micro-batch-size / "
+            f"max_micro_batch_size or keep per-batch tensors out of the batch"
+        )
+    return int(tensors[0].shape[0])
 
 
 def slice_batch(batch: Batch, start: int, stop: int) -> Batch:

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 # Figures are built with matplotlib.figure.Figure directly (no pyplot), so no GUI backend is
 # involved and the user's own matplotlib backend setting is left alone.
+import matplotlib
 from matplotlib.figure import Figure
 
 from batchscope.atomic import write_bytes_atomic
@@ -35,9 +36,11 @@ ul.notes li { margin: .2rem 0; } .meta { color: #5b5b66; font-size: .85rem; }
 
 
 def svg_document(figure: Figure) -> str:
-    """The figure as an SVG document; no date metadata, so a record renders to the same bytes."""
+    """The figure as an SVG document. No date and a fixed id salt (matplotlib salts element ids
+    randomly otherwise), so a record renders to the same bytes."""
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    with matplotlib.rc_context({"svg.hashsalt": "batchscope"}):
+        figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     return buffer.getvalue()
 
 

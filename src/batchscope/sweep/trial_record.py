@@ -37,7 +37,8 @@ class TrialSettings:
         if self.max_micro_batch_size is not None:
             object.__setattr__(self, "max_micro_batch_size", require_int(
                 "max_micro_batch_size", self.max_micro_batch_size,
-                hint="the most examples one forward pass may hold, e.g. the memory probe's answer"))
+                hint="--micro-batch-size: the most examples one forward pass may hold, e.g. "
+                     "what `batchscope probe memory` recommends"))
 
     @property
     def eval_points(self) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from matplotlib.figure import Figure
 
-from batchscope.report.html import inline_svg, save_figures, write_html_report
+from batchscope.report.html import inline_svg, save_figures, svg_document, write_html_report
 
 
 def _figure():
@@ -33,7 +34,13 @@ def test_save_figures_writes_png_and_svg(tmp_path):
     png, svg = saved[0].paths
     assert (png.name, svg.name) == ("peak-memory-vs-batch-size.png", "peak-memory-vs-batch-size.svg")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The report inlines the very SVG that was written, drawn once.
     assert svg.read_text() == saved[0].svg and saved[0].svg.lstrip().startswith("<?xml")
+    # Same figure, same bytes (no date, fixed id salt).
+    assert svg_document(_figure()) == saved[0].svg
+
+
+def test_the_report_inlines_the_saved_svg_without_drawing_again(tmp_path, monkeypatch):
+    saved = save_figures(tmp_path, [("Peak memory vs batch size", _figure())])
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: pytest.fail("drew the figure again"))
     html = write_html_report(tmp_path / "r.html", "t", saved).read_text()
     assert inline_svg(saved[0].svg) in html and html.count("<svg") == 1

@@ -47,3 +47,11 @@ def test_an_unreadable_record_names_the_file_and_the_fix(tmp_path):
     (tmp_path / "b32-linear.json").write_text("{not json")
     with pytest.raises(UsageError, match="b32-linear.json: .*delete the file to run that trial again"):
         TrialStore(tmp_path, "study").load()
+
+
+def test_a_setting_added_later_resumes_while_unset_and_is_refused_once_changed(tmp_path):
+    # A study stored before `max_micro_batch_size` existed lacks the key: unset now, it resumes.
+    TrialStore(tmp_path, "study").check_config({"epochs": 2})
+    TrialStore(tmp_path, "study").check_config({"epochs": 2, "max_micro_batch_size": None})
+    with pytest.raises(UsageError, match=r"different settings \(max_micro_batch_size\)"):
+        TrialStore(tmp_path, "study").check_config({"epochs": 2, "max_micro_batch_size": 64})
