@@ -15,20 +15,28 @@ from batchscope.record import RunRecord
 def command(
     run: Path = typer.Argument(..., help="A run.json written by batchscope."),
     html: Optional[Path] = typer.Option(None, "--html", help="Where to write the HTML (default: next to RUN.json)."),
+    predicted: Optional[str] = typer.Option(
+        None, "--predicted",
+        help="Sweep runs: mark this batch (an integer or a tune run.json) as tune's prediction."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Re-render the HTML report and plots of a saved run."""
     record = RunRecord.load(run)
+    if predicted is not None and record.kind != "sweep":
+        raise UsageError(f"--predicted marks tune's batch on a sweep's plots; {str(run)!r} is a "
+                         f"{record.kind!r} run")
     out_dir = run.parent
     if record.kind == "tune":
         from batchscope.report.tune_report import write_tune_report
 
         path = write_tune_report(record, out_dir, html_path=html)
     elif record.kind == "sweep":
-        from batchscope.sweep.output import render_outputs
+        from batchscope.sweep.output import render_outputs, resolve_predicted
         from batchscope.sweep.results import SweepResult
 
         result = SweepResult.from_dict(record.sections["sweep"])
+        if predicted is not None:  # e.g. tune run after the sweep; the record stays as it was
+            result.predicted_batch_size = resolve_predicted(predicted)
         path = render_outputs(result, out_dir, title=f"batchscope sweep — {record.workload.get('name', '')}",
                               html_path=html)
     else:

@@ -26,6 +26,7 @@ body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem
        max-width: 1100px; color: #1d1d1f; line-height: 1.45; padding: 0 1rem; }
 h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
 table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
+.wide { overflow-x: auto; }
 th, td { border: 1px solid #d0d0d5; padding: .25rem .6rem; text-align: right; }
 th { background: #f2f2f5; } td.text, th.text { text-align: left; }
 .figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 1rem; }
@@ -101,7 +102,9 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
         + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wide tables (a sweep's trials) scroll inside their box instead of widening the page.
+    return (f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            f"</table></div>")
 
 
 def write_html_report(

@@ -29,7 +29,7 @@ from batchscope.sweep.grid import (
     reference_rule,
     validate_batch_sizes,
 )
-from batchscope.sweep.output import predicted_from_record, write_outputs
+from batchscope.sweep.output import resolve_predicted, write_outputs
 from batchscope.sweep.results import SweepResult, SweepTrialsFailed, TrialFailure
 from batchscope.sweep.trial import run_trial
 from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings
@@ -150,7 +150,7 @@ def sweep(
     sizes = validate_batch_sizes(batch_sizes, resolved.dataset_size)
     settings = TrialSettings(epochs, evals_per_epoch, seed, target_metric, warmup_epochs,
                              max_micro_batch_size)
-    predicted = _predicted(predicted_batch_size)
+    predicted = resolve_predicted(predicted_batch_size)
     space = (
         SearchSpace.around(sizes, resolved.reference_batch_size, resolved.reference_lr)
         if mode == "search"
@@ -333,19 +333,6 @@ def _study_config(
         "mode": mode,
         "search_space": space.to_dict() if space is not None else None,
     }
-
-
-def _predicted(value: int | str | os.PathLike[str] | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise UsageError(f"predicted_batch_size={value} must be positive")
-        return value
-    text = str(value)
-    if text.isdigit():
-        return _predicted(int(text))
-    return predicted_from_record(text)
 
 
 def _storage_label(plan: SweepPlan, backend: str) -> str:

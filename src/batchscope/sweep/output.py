@@ -116,6 +116,17 @@ def _subtitle(result: SweepResult) -> str:
     return " · ".join(parts)
 
 
+def resolve_predicted(value: int | str | os.PathLike[str] | None) -> int | None:
+    """The batch `tune` predicted, from an int, a numeric string or a tune run.json path."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return require_int("predicted_batch_size", value, hint="the batch tune recommended")
+    return predicted_from_record(value)
+
+
 def predicted_from_record(path: str | os.PathLike[str]) -> int:
     """The batch size a saved `tune` run recommended (its `recommendation` section)."""
     record = RunRecord.load(path)

@@ -105,3 +105,24 @@ def test_the_shared_reference_trial_starts_every_rules_line():
     lines = {line.get_label(): list(line.get_xdata())
              for line in final_metric_figure(unshared).axes[0].get_lines()}
     assert lines["LR rule: sqrt"] == [64]
+
+
+def test_report_marks_a_prediction_given_after_the_sweep(tmp_path, result, capsys):
+    # tune ran after the sweep: `batchscope report run.json --predicted tune/run.json` marks its
+    # batch on the re-rendered plots and leaves the record as the sweep wrote it.
+    from batchscope.cli.main import run
+
+    paths = write_outputs(result, tmp_path, workload={"name": "w"}, environment={})
+    tune = RunRecord(kind="tune", workload={}, environment={},
+                     sections={"recommendation": {"batch_size": 32}})
+    tune.save(tmp_path / "tune.json")
+    with pytest.raises(SystemExit) as done:
+        run(["report", paths["record"], "--predicted", str(tmp_path / "tune.json"),
+             "--html", str(tmp_path / "again.html")])
+    assert done.value.code == 0
+    assert "predicted by tune (32)" in (tmp_path / "again.html").read_text()
+    assert RunRecord.load(paths["record"]).sections["sweep"]["predicted_batch_size"] == 64
+    with pytest.raises(SystemExit) as refused:
+        run(["report", str(tmp_path / "tune.json"), "--predicted", "32"])
+    assert refused.value.code == 2
+    assert "--predicted marks tune's batch on a sweep's plots" in capsys.readouterr().err
