@@ -140,13 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     recommended = _matching_trial(swept, recommendation)
     if recommended is None:
         tvr.say("the recommendation is not a sweep point: training it with the same runner")
-        for label, point, settings in tvr.run_plans(workload, recommendation, epochs, 1,
-                                                     args.seed):
-            if label == "recommended":
-                devices.release_memory(device)
-                recommended = run_trial(workload, point, settings, device,
-                                        on_eval=tvr.progress(label, epochs))
-    assert recommended is not None
+        # run_plans lists the recommended run first, then the reference (which the sweep ran).
+        label, point, settings = tvr.run_plans(workload, recommendation, epochs, 1, args.seed)[0]
+        devices.release_memory(device)
+        recommended = run_trial(workload, point, settings, device,
+                                on_eval=tvr.progress(label, epochs))
     results["recommended_run"] = {"from_sweep": recommended.key in {t.key for t in swept.trials},
                                   "record": recommended.to_dict()}
     summary = tvr.summarise(recommended, reference, recommendation, tune_seconds,
