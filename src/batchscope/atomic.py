@@ -11,6 +11,10 @@ the directory is fsynced after the rename so the new name survives a power cut t
 interrupted write (exception, Ctrl-C, full disk) leaves the destination untouched and removes
 the temporary file.
 
+`durable=False` keeps the atomic rename but skips both fsyncs: for files that can be rebuilt
+from a record (plots, HTML reports), where a power cut costs a re-render while each fsync costs
+tens of milliseconds (about a second for a report's ten files on a slow disk).
+
 Permissions: the result looks like a file written with plain `open(path, "w")`. A file that
 already exists keeps its mode bits. A new file gets 0o666 minus the process umask, and the
 kernel applies that umask itself: the temporary file is created with `os.open(..., 0o666)`
@@ -47,43 +51,43 @@ _CREATE_FLAGS = (
 
 @overload
 def atomic_output(
-    path: str | os.PathLike[str], mode: Literal["w"] = "w"
+    path: str | os.PathLike[str], mode: Literal["w"] = "w", durable: bool = True
 ) -> contextlib.AbstractContextManager[TextIO]: ...
 
 
 @overload
 def atomic_output(
-    path: str | os.PathLike[str], mode: Literal["wb"]
+    path: str | os.PathLike[str], mode: Literal["wb"], durable: bool = True
 ) -> contextlib.AbstractContextManager[BinaryIO]: ...
 
 
 def atomic_output(
-    path: str | os.PathLike[str], mode: str = "w"
+    path: str | os.PathLike[str], mode: str = "w", durable: bool = True
 ) -> contextlib.AbstractContextManager[TextIO] | contextlib.AbstractContextManager[BinaryIO]:
     """Yield a file (text, UTF-8, for mode "w"; binary for "wb"); on normal exit it replaces
     `path`, on any exception it vanishes and `path` is left as it was. Missing parent
-    directories are created."""
+    directories are created. `durable=False` skips the fsyncs (see the module docstring)."""
     if mode not in ("w", "wb"):
         raise UsageError(f"mode={mode!r} must be 'w' (text) or 'wb' (binary)")
-    return _atomic_output(Path(path), mode)
+    return _atomic_output(Path(path), mode, durable)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = True) -> Path:
     """Replace `path` with `text` (UTF-8) atomically; returns the path."""
-    with atomic_output(path, "w") as handle:
+    with atomic_output(path, "w", durable) as handle:
         handle.write(text)
     return Path(path)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool = True) -> Path:
     """Replace `path` with `data` atomically; returns the path."""
-    with atomic_output(path, "wb") as handle:
+    with atomic_output(path, "wb", durable) as handle:
         handle.write(data)
     return Path(path)
 
 
 @contextlib.contextmanager
-def _atomic_output(path: Path, mode: str) -> Iterator[IO[Any]]:
+def _atomic_output(path: Path, mode: str, durable: bool = True) -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = _create_temporary(path)
     try:
@@ -91,14 +95,16 @@ def _atomic_output(path: Path, mode: str) -> Iterator[IO[Any]]:
         with os.fdopen(descriptor, mode, encoding=encoding) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         _copy_existing_mode(path, temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    _fsync_directory(path.parent)
+    if durable:
+        _fsync_directory(path.parent)
 
 
 def _create_temporary(path: Path) -> tuple[int, Path]:

@@ -4,6 +4,7 @@ the record and report on disk, partial records on failure, and the user's object
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -144,7 +145,8 @@ def test_cli_tune_on_the_small_builtin_writes_json_and_report_and_report_rerende
     assert excinfo.value.code == 0
     sections = json.loads(capsys.readouterr().out)
     rec = sections["recommendation"]
-    assert rec["batch_size"] >= BATCHNORM_MIN_PER_DEVICE
+    # (Once seen at 7 on CI-like load, not reproduced since: the memory section says why.)
+    assert rec["batch_size"] >= BATCHNORM_MIN_PER_DEVICE, json.dumps(sections["memory"])
     assert rec["per_device_batch_size"] <= sections["memory"]["recommended_batch_size"]
     assert sections["noise"]["samples"] == 16
     assert sections["errors"] == []
@@ -179,3 +181,46 @@ def test_a_reference_batch_larger_than_memory_is_accumulated_everywhere(tmp_path
     assert result.recommendation.per_device_batch_size <= limit
     reference = next(p for p in result.plan.curve if p.batch_size == 4096)
     assert reference.feasible and reference.micro_batch_size <= limit
+
+
+def _loader_workload(data_loader):
+    model, optimizer, make_batch, loss = _user_objects()
+    return batchscope.Workload.from_objects(
+        model, optimizer, loss, make_batch, reference_batch_size=64, dataset_size=4096,
+        data_loader=data_loader)
+
+
+def test_the_data_path_is_checked_at_the_recommended_batch(tmp_path):
+    seen: list[int] = []
+
+    def slow_loader(batch_size, device):
+        # 20 ms a batch against a sub-millisecond step: a bottleneck at any batch size.
+        generator = torch.Generator().manual_seed(0)
+        seen.append(batch_size)
+        for _ in range(8):
+            time.sleep(0.02)
+            yield _user_objects()[2](batch_size, device, generator)
+
+    result = batchscope.tune(_loader_workload(slow_loader), device="cpu", budget_s=20,
+                             memory_budget="256MiB", out_dir=tmp_path)
+    rec = result.recommendation
+    # Only the per-device batch the user will feed is checked (not the throughput knee).
+    assert set(seen) == {rec.per_device_batch_size}
+    pipeline = RunRecord.load(tmp_path / "run.json").sections["throughput"]["input_pipeline"]
+    assert pipeline["measured"] and pipeline["batch_size"] == rec.per_device_batch_size
+    assert pipeline["bottleneck"] is True
+    assert any("input pipeline caps throughput" in caveat for caveat in rec.caveats)
+
+
+def test_a_failing_data_loader_is_recorded_and_the_recommendation_stands(tmp_path):
+    def broken_loader(batch_size, device):
+        raise OSError("shard 3 is missing")
+        yield  # a generator, as loaders are
+
+    result = batchscope.tune(_loader_workload(broken_loader), device="cpu", budget_s=20,
+                             memory_budget="256MiB", out_dir=tmp_path)
+    record = RunRecord.load(tmp_path / "run.json")
+    assert record.sections["recommendation"]["batch_size"] == result.recommendation.batch_size
+    assert record.errors == ["input pipeline check: OSError: shard 3 is missing"]
+    assert "not measured: the data loader failed" in \
+        record.sections["throughput"]["input_pipeline"]["note"]

@@ -119,3 +119,18 @@ def test_replacing_a_directory_fails_and_cleans_up(tmp_path):
 def test_record_re_exports_the_one_implementation():
     # report/ and sweep/ import write_text_atomic from batchscope.record.
     assert batchscope.record.write_text_atomic is atomic.write_text_atomic
+
+
+@pytest.mark.parametrize(("durable", "expected_fsyncs"), [(True, 2), (False, 0)])
+def test_durable_writes_fsync_file_and_directory_and_others_skip_both(
+        tmp_path, monkeypatch, durable, expected_fsyncs):
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    path = tmp_path / "plot.svg"
+    path.write_text("old")
+    with atomic_output(path, "w", durable=durable) as handle:
+        handle.write("new")
+        assert path.read_text() == "old"  # still all-or-nothing without the fsyncs
+    assert path.read_text() == "new" and len(synced) == expected_fsyncs
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.svg"]

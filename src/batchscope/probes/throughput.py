@@ -12,7 +12,9 @@ What it does, in order:
    has_flattened`: each of the last `EARLY_STOP_PATIENCE` sizes gained less than
    `1 - fraction` over the best throughput before it; two in a row, so one noisy point does
    not end the search) or at the first out-of-memory; every measurement before stays.
-   Each size is also capped in time (`max_seconds_per_point`).
+   Each size is also capped in time (`max_seconds_per_point`). Within a time budget, a size
+   whose predicted cost (its steps at the step time extrapolated from the last two sizes)
+   exceeds the time left is not started.
 4. Fits the step-time model (`analysis.throughput_model`) to interpolate between sizes, and
    reports the knee: the smallest measured batch within `fraction` of the best throughput.
 5. Input pipeline (`probes.input_pipeline`): at the knee and the best size, the same training
@@ -40,7 +42,11 @@ from batchscope.device import release_memory, resolve_device
 from batchscope.errors import ProbeFailedError, UsageError
 from batchscope.guard import StateGuard
 from batchscope.oom import run_catching_oom
-from batchscope.probes.input_pipeline import check_input_pipeline, not_measured
+from batchscope.probes.input_pipeline import (
+    InputPipelineResult,
+    check_input_pipeline,
+    not_measured,
+)
 from batchscope.probes.throughput_result import (
     Curve,
     ThroughputPoint,
@@ -52,6 +58,7 @@ from batchscope.step import build_model, needs_grad_scaler, train_step
 from batchscope.workload import Workload, resolve_workload
 
 __all__ = [
+    "check_data_path",
     "Curve",
     "ThroughputPoint",
     "ThroughputResult",
@@ -104,7 +111,7 @@ def measure_throughput(
     adds one curve per entry (settings are `Workload` fields, e.g. `{"autocast_dtype":
     torch.bfloat16}`). `data_path=False` skips the input-pipeline check. `time_budget_s` stops
     growing the batch once that many seconds have gone (the result says so; the point in
-    progress finishes). `clock` is the seconds source for every measurement (tests pass a
+    progress finishes; a size predicted to overrun it is not started). `clock` is the seconds source for every measurement (tests pass a
     simulated one to get exact answers).
     """
     started = clock()
@@ -165,6 +172,38 @@ def measure_throughput(
     )
 
 
+def check_data_path(
+    workload: Workload | str,
+    batch_size: int,
+    device: str | torch.device | None = None,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    timed_steps: int = DEFAULT_TIMED_STEPS,
+    max_seconds_per_path: float | None = DEFAULT_MAX_SECONDS_PER_POINT,
+    clock: Callable[[], float] = time.perf_counter,
+) -> InputPipelineResult:
+    """The input-pipeline check alone, at one batch size: the same training loop on
+    device-resident batches and on `workload.data_loader` (see `probes.input_pipeline`).
+
+    `tune` runs it at the batch it recommends, the one the user will train at, rather than at
+    the throughput knee, where a CPU loader can take seconds a batch."""
+    batch_size = require_int("batch_size", batch_size)
+    _check_arguments(warmup_steps, timed_steps, 0.5, max_seconds_per_path)
+    workload = resolve_workload(workload)
+    if workload.data_loader is None:
+        return not_measured("the workload has no data_loader (its batches come from make_batch "
+                            "only)")
+    device = resolve_device(device)
+    with StateGuard(rng=True) as guard:
+        trainer = _Trainer(workload, device, guard)
+        try:
+            return check_input_pipeline(
+                trainer.step, trainer.device_batches, workload.data_loader, device, [batch_size],
+                warmup_steps=warmup_steps, timed_steps=timed_steps,
+                max_seconds=max_seconds_per_path, after_oom=trainer.drop_gradients, clock=clock)
+        finally:
+            trainer.close()
+
+
 def geometric_grid(cap: int, start: int = DEFAULT_MIN_BATCH_SIZE) -> list[int]:
     """Powers of two from `start` up to `cap`, then `cap` itself when it is clearly beyond
     the last one (a cap below `start` gives just `[cap]`)."""
@@ -218,6 +257,14 @@ def _sweep(trainer: _Trainer, grid: Sequence[int], fraction: float, early_stop: 
     stop_reason = None
     oom_batch_size = None
     for batch_size in grid:
+        if deadline is not None and points:
+            cost = _predicted_point_seconds(points, batch_size, timing)
+            left = deadline - clock()
+            if cost > left:  # would overrun the budget: stop before, not after
+                stop_reason = (f"time budget: batch size {batch_size} would take about "
+                               f"{cost:.2g} s, {max(0.0, left):.2g} s left")
+                logger.info("throughput: %s", stop_reason)
+                break
         outcome = run_catching_oom(lambda: _measure_point(trainer, batch_size, timing),
                                    trainer.device)
         if outcome.oom:
@@ -242,11 +289,24 @@ def _sweep(trainer: _Trainer, grid: Sequence[int], fraction: float, early_stop: 
                 f"flattened: each of the last {EARLY_STOP_PATIENCE} batch sizes gained less "
                 f"than {1 - fraction:.0%} samples/s over the best before it")
             break
-        if deadline is not None and batch_size != grid[-1] and clock() > deadline:
-            stop_reason = f"time budget reached after batch size {batch_size}"
-            logger.info("throughput: %s", stop_reason)
-            break
     return Curve(tuple(points), fraction, stop_reason, oom_batch_size)
+
+
+def _predicted_point_seconds(points: Sequence[ThroughputPoint], batch_size: int,
+                             timing: Mapping[str, Any]) -> float:
+    """Seconds measuring `batch_size` should take: its steps at a step time extrapolated along
+    the line through the last two points (small batches often cost the same as each other, so
+    scaling the last step time by the batch would stop a budgeted sweep far too soon), never
+    below the last step time; at most the per-point cap."""
+    last = points[-1]
+    step_s = last.step_s
+    if len(points) >= 2:
+        before = points[-2]
+        slope = max(0.0, (last.step_s - before.step_s) / (last.batch_size - before.batch_size))
+        step_s = last.step_s + slope * (batch_size - last.batch_size)
+    cost = step_s * (timing["warmup_steps"] + timing["timed_steps"])
+    cap = timing.get("max_seconds")
+    return cost if cap is None else min(cost, cap)
 
 
 def _measure_point(trainer: _Trainer, batch_size: int, timing: dict[str, Any]) -> ThroughputPoint:

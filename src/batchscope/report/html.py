@@ -79,8 +79,9 @@ def save_figures(out_dir: str | os.PathLike[str],
         figure.savefig(png, format="png", dpi=120, bbox_inches="tight")
         svg = svg_document(figure)
         png_path, svg_path = out / f"{slug}.png", out / f"{slug}.svg"
-        write_bytes_atomic(png_path, png.getvalue())  # never a half-written plot
-        write_bytes_atomic(svg_path, svg.encode("utf-8"))
+        # Never a half-written plot; not fsynced, since `batchscope report` can redraw it.
+        write_bytes_atomic(png_path, png.getvalue(), durable=False)
+        write_bytes_atomic(svg_path, svg.encode("utf-8"), durable=False)
         saved.append(SavedFigure(title, svg, (png_path, svg_path)))
     return saved
 
@@ -143,7 +144,7 @@ def write_html_report(
             )
         parts.append("</div>")
     parts.append("</body></html>\n")
-    return write_text_atomic(path, "".join(parts))
+    return write_text_atomic(path, "".join(parts), durable=False)  # redrawable, as the plots
 
 
 def slugify(text: str) -> str:

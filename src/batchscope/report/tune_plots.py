@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 from matplotlib.figure import Figure
 
+from batchscope.report.axes import batch_size_axis
+
 _GIB = 1024**3
 _REFERENCE_STYLE = {"color": "#8a8a8a", "linestyle": "--", "linewidth": 1.2}
 _RECOMMEND_STYLE = {"color": "#d62728", "linestyle": "-", "linewidth": 1.6}
@@ -68,11 +70,9 @@ def throughput_figure(throughput: Mapping[str, Any] | None,
         ax.plot(*zip(*fitted), color="#1f77b4", alpha=0.5, label="throughput model")
     if throughput.get("knee_batch_size"):
         ax.axvline(throughput["knee_batch_size"], color="#2ca02c", linestyle=":", label="knee")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
+    batch_size_axis(ax)
     ax.set_ylabel("samples / s")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
     return figure
 
 
@@ -100,13 +100,11 @@ def noise_figure(noise: Mapping[str, Any] | None, goodput: Mapping[str, Any] | N
     if b_noise is None or b_noise <= 0:
         ax.text(0.5, 0.5, f"noise scale not usable: {noise.get('status', 'unknown')}",
                 transform=ax.transAxes, ha="center")
-    ax.set_xscale("log", base=2)
+    batch_size_axis(ax)
     ax.set_ylim(0, 1.05 if base <= sizes[0] else None)
-    ax.set_xlabel("batch size")
     ax.set_ylabel("statistical efficiency vs reference")
     ax.set_title(f"gradient noise scale B_simple (n={noise.get('samples', '?')} samples)", fontsize=9)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
     return figure
 
 
@@ -136,11 +134,9 @@ def time_to_target_figure(goodput: Mapping[str, Any] | None,
     if recommendation and recommendation.get("batch_size"):
         ax.axvline(recommendation["batch_size"], **_RECOMMEND_STYLE,
                    label=f"recommended ({recommendation['batch_size']})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("global batch size")
+    batch_size_axis(ax, label="global batch size")
     ax.set_ylabel("predicted time to target (reference = 1)")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
     return figure
 
 

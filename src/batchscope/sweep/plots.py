@@ -15,6 +15,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
+from batchscope.report.axes import batch_size_axis
 from batchscope.sweep.grid import LR_RULES
 from batchscope.sweep.results import SweepResult, front_time
 from batchscope.sweep.trial_record import TrialRecord
@@ -107,7 +108,7 @@ def final_metric_figure(result: SweepResult) -> Figure:
     _mark_predicted(ax, result)
     if result.target_metric is not None:
         ax.axhline(result.target_metric, **_TARGET_STYLE, label="target")
-    _batch_axis(ax, [t.batch_size for t in result.trials])
+    batch_size_axis(ax, [t.batch_size for t in result.trials])
     ax.set_ylabel(f"final {result.metric_name}")
     _legend(ax)
     return figure
@@ -134,7 +135,7 @@ def time_figure(result: SweepResult) -> Figure:
                 label=f"LR rule: {rule}",
             )
     _mark_predicted(ax, result)
-    _batch_axis(ax, [t.batch_size for t in result.trials])
+    batch_size_axis(ax, [t.batch_size for t in result.trials])
     ax.set_ylabel(_time_label(result) + " (s)")
     _legend(ax)
     return figure
@@ -232,16 +233,6 @@ def _mark_predicted(ax: Axes, result: SweepResult) -> None:
     if result.predicted_batch_size is not None:
         ax.axvline(result.predicted_batch_size, **_PREDICTED_STYLE,
                    label=f"predicted by tune ({result.predicted_batch_size})")
-
-
-def _batch_axis(ax: Axes, sizes: Sequence[int] = ()) -> None:
-    ax.set_xscale("log", base=2)
-    if sizes:  # label the batch sizes themselves, not powers of two
-        ax.set_xticks(sorted(set(sizes)))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("batch size")
-    ax.grid(alpha=0.3, which="both")
 
 
 def _legend(ax: Axes) -> None:

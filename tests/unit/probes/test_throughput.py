@@ -102,15 +102,31 @@ def test_early_stop_does_not_trigger_on_a_linear_curve():
     assert result.knee_batch_size == 1024 == result.best_batch_size
 
 
-def test_time_budget_stops_growing_the_batch_and_says_so():
+def test_time_budget_stops_before_a_size_that_would_overrun_it_and_says_so():
     # Constant step time 5 ms, 1 warm-up + 3 timed steps: each size costs 20 ms of simulated
-    # time, so a 50 ms budget is spent during the third size, which finishes; then it stops.
+    # time. After two sizes (40 ms) a third would end at 60 ms, past the 50 ms budget.
     clock, workload = simulated(0.005, 0.0)
     result = measure_throughput(workload, device="cpu", max_batch_size=1024, warmup_steps=1,
                                 timed_steps=3, data_path=False, clock=clock, time_budget_s=0.05)
-    assert [point.batch_size for point in result.points] == [8, 16, 32]
+    assert [point.batch_size for point in result.points] == [8, 16]
     assert result.stopped_early
-    assert result.stop_reason == "time budget reached after batch size 32"
+    assert result.stop_reason == "time budget: batch size 32 would take about 0.02 s, 0.01 s left"
+
+
+def test_the_predicted_cost_follows_the_step_time_line_through_the_last_two_sizes():
+    # Step time 1 ms + 10 us per example, 4 steps per size: 8 -> 16 -> ... cost 4*(1+0.01*B)
+    # ms. The line through the last two sizes predicts the next one exactly, so the sweep
+    # measures every size that fits in the budget and stops at the first that would not.
+    clock, workload = simulated(0.001, 0.00001)
+    budget = sum(4 * (0.001 + 0.00001 * size) for size in (8, 16, 32, 64, 128)) + 0.001
+    result = measure_throughput(workload, device="cpu", max_batch_size=1024, warmup_steps=1,
+                                timed_steps=3, data_path=False, clock=clock,
+                                time_budget_s=budget, early_stop=False)
+    assert [point.batch_size for point in result.points] == [8, 16, 32, 64, 128]
+    cost_256 = 4 * (0.001 + 0.00001 * 256)
+    assert result.stop_reason == (f"time budget: batch size 256 would take about "
+                                  f"{cost_256:.2g} s, 0.001 s left")
+    assert result.seconds <= budget
 
 
 def test_a_curve_that_keeps_gaining_a_little_is_not_cut_short():

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from batchscope.errors import UsageError
-from batchscope.probes.throughput import _pipeline_plan, measure_throughput
+from batchscope.probes.throughput import _pipeline_plan, check_data_path, measure_throughput
 
 sys.path.insert(0, str(Path(__file__).parent))  # the fakes live beside this file
 from throughput_fakes import SimulatedClock, TimedLoss, simulated, timed_loader, timed_workload  # noqa: E402
@@ -123,3 +123,24 @@ def test_with_a_deadline_the_knee_only_and_half_of_what_is_left():
 def test_a_spent_budget_still_gets_one_second_per_path():
     sizes, timing = _pipeline_plan(CURVE, TIMING, 90.0, lambda: 100.0)
     assert sizes == [1024] and timing["max_seconds"] == 1.0
+
+
+def test_the_check_alone_at_one_batch_gives_the_known_rates():
+    # What tune runs at the batch it recommends: 10 ms of compute, 30 ms to load a batch.
+    clock = SimulatedClock()
+    workload = timed_workload(TimedLoss(0.01, 0.0, clock), data_loader=timed_loader(0.03, clock))
+    result = check_data_path(workload, 24, device="cpu", warmup_steps=1, timed_steps=5,
+                             clock=clock)
+    (check,) = result.checks
+    assert check.batch_size == 24 and check.bottleneck
+    assert check.compute_samples_per_s == pytest.approx(24 / 0.01)
+    assert check.pipeline_samples_per_s == pytest.approx(24 / 0.04)
+    assert "batch size 24" in result.note
+
+
+def test_the_check_alone_needs_a_loader_and_a_batch_size():
+    clock, workload = simulated(0.01, 0.0)
+    assert check_data_path(workload, 8, device="cpu").note.startswith("not measured: the "
+                                                                      "workload has no data_loader")
+    with pytest.raises(UsageError, match="batch_size=0"):
+        check_data_path(workload, 0, device="cpu")
