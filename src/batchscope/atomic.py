@@ -51,18 +51,18 @@ _CREATE_FLAGS = (
 
 @overload
 def atomic_output(
-    path: str | os.PathLike[str], mode: Literal["w"] = "w", durable: bool = True
+    path: str | os.PathLike[str], mode: Literal["w"] = "w", *, durable: bool = True
 ) -> contextlib.AbstractContextManager[TextIO]: ...
 
 
 @overload
 def atomic_output(
-    path: str | os.PathLike[str], mode: Literal["wb"], durable: bool = True
+    path: str | os.PathLike[str], mode: Literal["wb"], *, durable: bool = True
 ) -> contextlib.AbstractContextManager[BinaryIO]: ...
 
 
 def atomic_output(
-    path: str | os.PathLike[str], mode: str = "w", durable: bool = True
+    path: str | os.PathLike[str], mode: str = "w", *, durable: bool = True
 ) -> contextlib.AbstractContextManager[TextIO] | contextlib.AbstractContextManager[BinaryIO]:
     """Yield a file (text, UTF-8, for mode "w"; binary for "wb"); on normal exit it replaces
     `path`, on any exception it vanishes and `path` is left as it was. Missing parent
@@ -72,16 +72,17 @@ def atomic_output(
     return _atomic_output(Path(path), mode, durable)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = True) -> Path:
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, durable: bool = True) -> Path:
     """Replace `path` with `text` (UTF-8) atomically; returns the path."""
-    with atomic_output(path, "w", durable) as handle:
+    with atomic_output(path, "w", durable=durable) as handle:
         handle.write(text)
     return Path(path)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool = True) -> Path:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *,
+                       durable: bool = True) -> Path:
     """Replace `path` with `data` atomically; returns the path."""
-    with atomic_output(path, "wb", durable) as handle:
+    with atomic_output(path, "wb", durable=durable) as handle:
         handle.write(data)
     return Path(path)
 

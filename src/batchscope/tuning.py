@@ -6,7 +6,8 @@ planned batch -> recommendation -> record/report.
 The record is saved after every stage, so a run that fails or is interrupted keeps what it
 measured (and says what went wrong in `errors`). The time budget is shared out up front: the
 memory probe first (everything depends on it), then throughput up to the memory limit, then the
-noise probe with as many samples as the remaining time buys.
+noise probe with as many samples as the remaining time buys, less a few seconds kept for the
+input-pipeline check when the workload has a data loader.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from batchscope.errors import UsageError
 from batchscope.guard import StateGuard
 from batchscope.probes.memory import MemoryProbeResult, parse_size, probe_memory
 from batchscope.probes.noise import NoiseScaleResult, estimate_noise_scale
-from batchscope.probes.input_pipeline import not_measured
+from batchscope.probes.input_pipeline import InputPipelineResult, not_measured
 from batchscope.probes.throughput import ThroughputResult, check_data_path, measure_throughput
 from batchscope.record import RunRecord, environment_info
 from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE, Evidence, Recommendation, recommend
@@ -201,8 +202,14 @@ def tune(
         max_accumulation=_max_accumulation(resolved.reference_batch_size, limit),
     )
     record.sections["goodput"] = plan.to_dict()
-    throughput = _check_data_path(resolved, where, plan.micro_batch_size, throughput,
-                                  budget_s - (time.perf_counter() - started), record, say)
+    if resolved.data_loader is not None:
+        pipeline = stage("input pipeline check", lambda: _check_data_path(
+            resolved, where, plan.micro_batch_size,
+            budget_s - (time.perf_counter() - started), record))
+    else:
+        pipeline = not_measured("the workload has no data_loader (its batches come from "
+                                "make_batch only)")
+    throughput = dataclasses.replace(throughput, input_pipeline=pipeline)
     record.sections["throughput"] = throughput.to_dict()
     evidence = Evidence(
         memory_limit=memory.recommended_batch_size,
@@ -310,6 +317,8 @@ def _noise_plan(workload: Workload, model: Any, remaining_s: float, limit: int) 
     if not (math.isfinite(train_step_s) and math.isfinite(sample_s)) or sample_s <= 0:
         return 0, 0
     usable_s = remaining_s - NOISE_FIXED_S
+    if workload.data_loader is not None:  # what the input-pipeline check takes at least
+        usable_s -= 2 * PIPELINE_MIN_S
     epoch_steps = (workload.dataset_size or 0) // reference
     train_steps = int(min(epoch_steps or 200, max(0.0, NOISE_TRAIN_SHARE * usable_s) / train_step_s))
     left_s = usable_s - train_steps * train_step_s
@@ -318,21 +327,18 @@ def _noise_plan(workload: Workload, model: Any, remaining_s: float, limit: int) 
 
 
 def _check_data_path(workload: Workload, where: torch.device, batch_size: int,
-                     throughput: ThroughputResult, remaining_s: float, record: RunRecord,
-                     say: Progress) -> ThroughputResult:
-    """`throughput` with its input-pipeline check run at `batch_size`, the per-device batch
-    the plan picked: that is the batch the user's loader will feed, and it is usually far
-    smaller than the throughput knee, where a CPU loader can take seconds a batch. A loader
-    that fails is recorded as an error; the recommendation stands without the check."""
-    say("input pipeline check...")
+                     remaining_s: float, record: RunRecord) -> InputPipelineResult:
+    """The input-pipeline check at `batch_size`, the per-device batch the plan picked: that is
+    the batch the user's loader will feed, and it is usually far smaller than the throughput
+    knee, where a CPU loader can take seconds a batch. A check that fails (a broken loader, say)
+    is recorded as an error; the recommendation stands without it."""
     per_path_s = min(PIPELINE_MAX_S, max(PIPELINE_MIN_S, remaining_s / 2))
     try:
-        pipeline = check_data_path(workload, batch_size, device=where,
-                                   max_seconds_per_path=per_path_s)
+        return check_data_path(workload, batch_size, device=where,
+                               max_seconds_per_path=per_path_s)
     except Exception as exc:  # noqa: BLE001 - a broken loader must not cost the recommendation
         record.errors.append(f"input pipeline check: {type(exc).__name__}: {exc}")
-        pipeline = not_measured(f"the data loader failed: {type(exc).__name__}: {exc}")
-    return dataclasses.replace(throughput, input_pipeline=pipeline)
+        return not_measured(f"the input pipeline check failed: {type(exc).__name__}: {exc}")
 
 
 def _usable_noise(noise: NoiseScaleResult | None) -> float | None:

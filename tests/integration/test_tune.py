@@ -145,8 +145,11 @@ def test_cli_tune_on_the_small_builtin_writes_json_and_report_and_report_rerende
     assert excinfo.value.code == 0
     sections = json.loads(capsys.readouterr().out)
     rec = sections["recommendation"]
-    # (Once seen at 7 on CI-like load, not reproduced since: the memory section says why.)
-    assert rec["batch_size"] >= BATCHNORM_MIN_PER_DEVICE, json.dumps(sections["memory"])
+    # The BatchNorm floor, unless memory allows less (once, under load, the CPU memory probe
+    # verified only 8 and tune rightly went below 32; the memory probe's accuracy is tested in
+    # its own files).
+    floor = min(BATCHNORM_MIN_PER_DEVICE, sections["memory"]["recommended_batch_size"])
+    assert rec["batch_size"] >= floor, json.dumps(sections["memory"])
     assert rec["per_device_batch_size"] <= sections["memory"]["recommended_batch_size"]
     assert sections["noise"]["samples"] == 16
     assert sections["errors"] == []
@@ -192,6 +195,7 @@ def _loader_workload(data_loader):
 
 def test_the_data_path_is_checked_at_the_recommended_batch(tmp_path):
     seen: list[int] = []
+    make_batch = _user_objects()[2]
 
     def slow_loader(batch_size, device):
         # 20 ms a batch against a sub-millisecond step: a bottleneck at any batch size.
@@ -199,7 +203,7 @@ def test_the_data_path_is_checked_at_the_recommended_batch(tmp_path):
         seen.append(batch_size)
         for _ in range(8):
             time.sleep(0.02)
-            yield _user_objects()[2](batch_size, device, generator)
+            yield make_batch(batch_size, device, generator)
 
     result = batchscope.tune(_loader_workload(slow_loader), device="cpu", budget_s=20,
                              memory_budget="256MiB", out_dir=tmp_path)
@@ -222,5 +226,29 @@ def test_a_failing_data_loader_is_recorded_and_the_recommendation_stands(tmp_pat
     record = RunRecord.load(tmp_path / "run.json")
     assert record.sections["recommendation"]["batch_size"] == result.recommendation.batch_size
     assert record.errors == ["input pipeline check: OSError: shard 3 is missing"]
-    assert "not measured: the data loader failed" in \
+    assert "not measured: the input pipeline check failed: OSError" in \
         record.sections["throughput"]["input_pipeline"]["note"]
+
+
+def test_ctrl_c_in_the_pipeline_check_keeps_the_plan_in_the_record(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("batchscope.tuning.check_data_path", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        batchscope.tune(_loader_workload(lambda batch_size, device: iter(())), device="cpu",
+                        budget_s=20, memory_budget="256MiB", out_dir=tmp_path)
+    record = RunRecord.load(tmp_path / "run.json")
+    assert {"memory", "throughput", "noise", "goodput"} <= set(record.sections)
+    assert "recommendation" not in record.sections
+    assert record.errors == ["input pipeline check: KeyboardInterrupt: "]
+
+
+@pytest.mark.parametrize(("budget", "accepted"), [(9.9, False), (10, True)])
+def test_the_smallest_budget_is_ten_seconds(monkeypatch, budget, accepted):
+    monkeypatch.setattr("batchscope.tuning.probe_memory",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("probing started")))
+    expected = (pytest.raises(RuntimeError, match="probing started") if accepted else
+                pytest.raises(batchscope.UsageError, match="budget=9.9 seconds is too small"))
+    with expected:
+        batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=budget)

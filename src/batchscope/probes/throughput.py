@@ -53,16 +53,16 @@ from batchscope.probes.throughput_result import (
     ThroughputResult,
     VariantResult,
 )
-from batchscope.probes.timing import StepTimes, cycling, time_steps
+from batchscope.probes.timing import StepTimes, cycling, predicted_seconds, time_steps
 from batchscope.step import build_model, needs_grad_scaler, train_step
 from batchscope.workload import Workload, resolve_workload
 
 __all__ = [
-    "check_data_path",
     "Curve",
     "ThroughputPoint",
     "ThroughputResult",
     "VariantResult",
+    "check_data_path",
     "geometric_grid",
     "measure_throughput",
 ]
@@ -110,8 +110,8 @@ def measure_throughput(
     `variants=True` adds the bf16-autocast + channels_last curve; a mapping `{name: settings}`
     adds one curve per entry (settings are `Workload` fields, e.g. `{"autocast_dtype":
     torch.bfloat16}`). `data_path=False` skips the input-pipeline check. `time_budget_s` stops
-    growing the batch once that many seconds have gone (the result says so; the point in
-    progress finishes; a size predicted to overrun it is not started). `clock` is the seconds source for every measurement (tests pass a
+    growing the batch before the first size predicted to overrun that many seconds (the
+    result says so). `clock` is the seconds source for every measurement (tests pass a
     simulated one to get exact answers).
     """
     started = clock()
@@ -187,7 +187,8 @@ def check_data_path(
     `tune` runs it at the batch it recommends, the one the user will train at, rather than at
     the throughput knee, where a CPU loader can take seconds a batch."""
     batch_size = require_int("batch_size", batch_size)
-    _check_arguments(warmup_steps, timed_steps, 0.5, max_seconds_per_path)
+    _check_arguments(warmup_steps, timed_steps, 0.5, None)
+    _check_seconds_cap("max_seconds_per_path", max_seconds_per_path)
     workload = resolve_workload(workload)
     if workload.data_loader is None:
         return not_measured("the workload has no data_loader (its batches come from make_batch "
@@ -262,7 +263,7 @@ def _sweep(trainer: _Trainer, grid: Sequence[int], fraction: float, early_stop: 
             left = deadline - clock()
             if cost > left:  # would overrun the budget: stop before, not after
                 stop_reason = (f"time budget: batch size {batch_size} would take about "
-                               f"{cost:.2g} s, {max(0.0, left):.2g} s left")
+                               f"{cost:.3g} s, {max(0.0, left):.3g} s left")
                 logger.info("throughput: %s", stop_reason)
                 break
         outcome = run_catching_oom(lambda: _measure_point(trainer, batch_size, timing),
@@ -294,19 +295,19 @@ def _sweep(trainer: _Trainer, grid: Sequence[int], fraction: float, early_stop: 
 
 def _predicted_point_seconds(points: Sequence[ThroughputPoint], batch_size: int,
                              timing: Mapping[str, Any]) -> float:
-    """Seconds measuring `batch_size` should take: its steps at a step time extrapolated along
-    the line through the last two points (small batches often cost the same as each other, so
-    scaling the last step time by the batch would stop a budgeted sweep far too soon), never
-    below the last step time; at most the per-point cap."""
+    """Seconds measuring `batch_size` should take: `time_steps`' run at a step time extrapolated
+    along the line through the last two points (small batches often cost the same as each
+    other, so scaling the last step time by the batch would stop a budgeted sweep far too
+    soon), never below the last step time."""
     last = points[-1]
     step_s = last.step_s
     if len(points) >= 2:
         before = points[-2]
         slope = max(0.0, (last.step_s - before.step_s) / (last.batch_size - before.batch_size))
         step_s = last.step_s + slope * (batch_size - last.batch_size)
-    cost = step_s * (timing["warmup_steps"] + timing["timed_steps"])
-    cap = timing.get("max_seconds")
-    return cost if cap is None else min(cost, cap)
+    return predicted_seconds(step_s, warmup_steps=timing["warmup_steps"],
+                             timed_steps=timing["timed_steps"],
+                             max_seconds=timing.get("max_seconds"))
 
 
 def _measure_point(trainer: _Trainer, batch_size: int, timing: dict[str, Any]) -> ThroughputPoint:
@@ -371,9 +372,10 @@ def _checked_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
 
 def _pipeline_plan(curve: Any, timing: dict[str, Any], deadline: float | None,
                    clock: Callable[[], float]) -> tuple[list[int], dict[str, Any]]:
-    """Sizes and timing of the input-pipeline check. Within a time budget only the knee (where
-    a recommendation lands; the best size is often the memory limit, where a CPU loader takes
-    seconds a batch) and each path capped to half of what is left, at least a second."""
+    """Sizes and timing of the input-pipeline check. Within a time budget only the knee (the
+    best size is often the memory limit, where a CPU loader takes seconds a batch) and each
+    path capped to half of what is left, at least a second. (`tune` skips this and checks its
+    own recommended batch with `check_data_path`.)"""
     if deadline is None:
         return [curve.knee_batch_size, curve.best_batch_size], timing
     left = max(2.0, deadline - clock()) / 2
@@ -388,10 +390,14 @@ def _check_arguments(warmup_steps: int, timed_steps: int, fraction: float,
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
             or not 0 < fraction < 1:
         raise UsageError(f"fraction={fraction!r} must be strictly between 0 and 1, e.g. 0.95")
-    if max_seconds_per_point is not None and not (
-            isinstance(max_seconds_per_point, (int, float)) and max_seconds_per_point > 0):
-        raise UsageError(f"max_seconds_per_point={max_seconds_per_point!r} must be a positive "
-                         f"number of seconds or None (no cap)")
+    _check_seconds_cap("max_seconds_per_point", max_seconds_per_point)
+
+
+def _check_seconds_cap(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and value > 0):
+        raise UsageError(f"{name}={value!r} must be a positive number of seconds or None "
+                         f"(no cap)")
 
 
 def _variant_workloads(workload: Workload, variants: bool | Mapping[str, Mapping[str, Any]]

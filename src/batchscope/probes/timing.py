@@ -29,6 +29,9 @@ from batchscope.errors import UsageError
 
 Clock = Callable[[], float]
 
+# Timed steps a capped measurement still takes: enough for a median and a quartile spread.
+DEFAULT_MIN_TIMED_STEPS = 3
+
 
 @dataclass(frozen=True)
 class StepTimes:
@@ -91,7 +94,7 @@ def time_steps(
     warmup_steps: int,
     timed_steps: int,
     max_seconds: float | None = None,
-    min_timed_steps: int = 3,
+    min_timed_steps: int = DEFAULT_MIN_TIMED_STEPS,
     sync_each_step: bool = True,
     clock: Clock = time.perf_counter,
 ) -> StepTimes:
@@ -143,6 +146,25 @@ def time_steps(
     synchronize(device)
     wall = clock() - window_start
     return StepTimes(tuple(steps), tuple(data), wall, warmed)
+
+
+def predicted_seconds(step_s: float, *, warmup_steps: int, timed_steps: int,
+                      max_seconds: float | None = None,
+                      min_timed_steps: int = DEFAULT_MIN_TIMED_STEPS) -> float:
+    """Seconds `time_steps` takes with these settings when every step takes `step_s`: its
+    stopping rule replayed (a capped measurement still finishes the step that crosses the cap
+    and takes `min_timed_steps` timed steps), so a budget can be checked before measuring."""
+    min_timed_steps = min(min_timed_steps, timed_steps)
+    elapsed = 0.0
+    for _ in range(warmup_steps):
+        elapsed += step_s
+        if max_seconds is not None and elapsed > max_seconds:
+            break
+    for timed in range(1, timed_steps + 1):
+        elapsed += step_s
+        if timed >= min_timed_steps and max_seconds is not None and elapsed > max_seconds:
+            break
+    return elapsed
 
 
 def cycling(batches: list[Any]) -> Callable[[], Any]:

@@ -205,4 +205,4 @@ def trials_csv(result: SweepResult) -> str:
 
 
 def write_trials_csv(path: str | os.PathLike[str], result: SweepResult) -> Path:
-    return write_text_atomic(path, trials_csv(result))
+    return write_text_atomic(path, trials_csv(result), durable=False)  # rebuilt from the record

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from batchscope.errors import ProbeFailedError, UsageError
-from batchscope.probes.throughput import geometric_grid, measure_throughput
+from batchscope.probes.throughput import check_data_path, geometric_grid, measure_throughput
+from batchscope.probes.timing import predicted_seconds, time_steps
 from batchscope.record import to_jsonable
 from batchscope.workload import Workload
 
@@ -125,7 +126,7 @@ def test_the_predicted_cost_follows_the_step_time_line_through_the_last_two_size
     assert [point.batch_size for point in result.points] == [8, 16, 32, 64, 128]
     cost_256 = 4 * (0.001 + 0.00001 * 256)
     assert result.stop_reason == (f"time budget: batch size 256 would take about "
-                                  f"{cost_256:.2g} s, 0.001 s left")
+                                  f"{cost_256:.3g} s, 0.001 s left")
     assert result.seconds <= budget
 
 
@@ -274,7 +275,19 @@ def test_token_workloads_report_tokens_per_second():
 # -- guarantees, result shape, arguments -------------------------------------------------------
 
 
-def test_user_model_optimizer_and_rng_are_untouched():
+def _measure_with_a_variant(workload):
+    # The channels_last variant converts the very model `from_objects` hands back, in place.
+    measure_throughput(workload, device="cpu", batch_sizes=[4, 8], warmup_steps=1, timed_steps=3,
+                       variants={"channels_last": {"channels_last": True}})
+
+
+def _check_the_data_path(workload):
+    check_data_path(workload, 8, device="cpu", warmup_steps=1, timed_steps=3)
+
+
+@pytest.mark.parametrize("probe", [_measure_with_a_variant, _check_the_data_path],
+                         ids=["measure_throughput", "check_data_path"])
+def test_user_model_optimizer_and_rng_are_untouched(probe):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 1))
     model.eval()
@@ -290,12 +303,14 @@ def test_user_model_optimizer_and_rng_are_untouched():
         return (torch.randn(batch_size, 3, 6, 6, generator=generator),
                 torch.randn(batch_size, 1, generator=generator))
 
+    def loader(batch_size, device):  # draws from the global RNG, as augmentations do
+        for _ in range(4):
+            yield torch.randn(batch_size, 3, 6, 6), torch.randn(batch_size, 1)
+
     workload = Workload.from_objects(
         model, optimizer, lambda m, batch: nn.functional.mse_loss(m(batch[0]), batch[1]), images,
-        reference_batch_size=8)
-    # The channels_last variant converts the very model `from_objects` hands back, in place.
-    measure_throughput(workload, device="cpu", batch_sizes=[4, 8], warmup_steps=1, timed_steps=3,
-                       variants={"channels_last": {"channels_last": True}})
+        reference_batch_size=8, data_loader=loader)
+    probe(workload)
 
     assert not model.training
     for key, value in model.state_dict().items():
@@ -386,3 +401,36 @@ def test_bad_arguments_are_one_line_usage_errors(kwargs, fragment):
         measure_throughput(timed_workload(TimedLoss(0, 0)), device="cpu", **kwargs)
     assert fragment in str(excinfo.value)
     assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("step_s", [0.5, 3.0, 4.0, 11.0])
+@pytest.mark.parametrize("max_seconds", [None, 10.0])
+@pytest.mark.parametrize(("warmup", "timed"), [(0, 1), (3, 10), (1, 2), (5, 5)])
+def test_predicted_seconds_replays_the_timing_loop_exactly(step_s, max_seconds, warmup, timed):
+    clock = SimulatedClock()
+    started = clock()
+    time_steps(lambda batch: clock.advance(step_s), lambda: None, torch.device("cpu"),
+               warmup_steps=warmup, timed_steps=timed, max_seconds=max_seconds, clock=clock)
+    assert predicted_seconds(step_s, warmup_steps=warmup, timed_steps=timed,
+                             max_seconds=max_seconds) == pytest.approx(clock() - started)
+
+
+def test_a_capped_point_is_predicted_at_what_the_cap_really_allows():
+    # 4 s a step, 10 s cap per point: a point still takes 3 warm-up steps (the third crosses
+    # the cap) and 3 timed ones, 24 s, not 10. With 60 s: 8 and 16 run (48 s), 32 does not.
+    clock, workload = simulated(4.0, 0.0)
+    result = measure_throughput(workload, device="cpu", max_batch_size=1024, warmup_steps=3,
+                                timed_steps=10, data_path=False, clock=clock, time_budget_s=60,
+                                max_seconds_per_point=10)
+    assert [point.batch_size for point in result.points] == [8, 16]
+    assert result.stop_reason == "time budget: batch size 32 would take about 24 s, 12 s left"
+    assert result.seconds <= 60
+
+
+def test_a_budget_spent_by_the_first_size_keeps_that_size_alone():
+    clock, workload = simulated(0.05, 0.0)
+    result = measure_throughput(workload, device="cpu", max_batch_size=1024, warmup_steps=1,
+                                timed_steps=3, data_path=False, clock=clock, time_budget_s=0.1)
+    assert [point.batch_size for point in result.points] == [8]
+    assert result.stop_reason == "time budget: batch size 16 would take about 0.2 s, 0 s left"
+    assert result.knee_batch_size == 8

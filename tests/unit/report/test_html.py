@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from matplotlib.figure import Figure
 
+from batchscope.report.axes import batch_size_axis, batch_size_label
 from batchscope.report.html import inline_svg, save_figures, svg_document, write_html_report
 
 
@@ -44,3 +47,35 @@ def test_the_report_inlines_the_saved_svg_without_drawing_again(tmp_path, monkey
     monkeypatch.setattr(Figure, "savefig", lambda *a, **k: pytest.fail("drew the figure again"))
     html = write_html_report(tmp_path / "r.html", "t", saved).read_text()
     assert inline_svg(saved[0].svg) in html and html.count("<svg") == 1
+
+
+@pytest.mark.parametrize(("value", "label"), [(8, "8"), (512, "512"), (4096, "4096"),
+                                              (16384, "16k"), (65536, "64k"), (45000, "45000"),
+                                              (20000, "20000"), (0.5, "0.5")])
+def test_batch_size_labels_are_plain_numbers(value, label):
+    assert batch_size_label(value) == label
+
+
+def test_batch_size_axes_draw_without_mathtext(monkeypatch):
+    # Mathtext labels ("2^10") were about half of a report's drawing time.
+    import matplotlib.mathtext
+
+    def no_mathtext(*args, **kwargs):
+        raise AssertionError("mathtext was used")
+
+    monkeypatch.setattr(matplotlib.mathtext.MathTextParser, "parse", no_mathtext)
+
+    def figure_with(axis_setup):
+        figure = Figure()
+        ax = figure.add_subplot()
+        ax.plot([8, 512, 45000], [1, 2, 3])
+        axis_setup(ax)
+        return figure, ax
+
+    default, _ = figure_with(lambda ax: ax.set_xscale("log", base=2))
+    with pytest.raises(AssertionError, match="mathtext was used"):  # the guard can fail
+        svg_document(default)
+    ours, ax = figure_with(batch_size_axis)
+    assert "batch size" in svg_document(ours)
+    labels = [label.get_text() for label in ax.get_xticklabels()]
+    assert "16k" in labels and all(re.fullmatch(r"\d+k?", label) for label in labels), labels
