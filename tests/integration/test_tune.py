@@ -205,7 +205,7 @@ def test_the_data_path_is_checked_at_the_recommended_batch(tmp_path):
             time.sleep(0.02)
             yield make_batch(batch_size, device, generator)
 
-    result = batchscope.tune(_loader_workload(slow_loader), device="cpu", budget_s=20,
+    result = batchscope.tune(_loader_workload(slow_loader), device="cpu", budget_s=10,
                              memory_budget="256MiB", out_dir=tmp_path)
     rec = result.recommendation
     # Only the per-device batch the user will feed is checked (not the throughput knee).
@@ -221,7 +221,7 @@ def test_a_failing_data_loader_is_recorded_and_the_recommendation_stands(tmp_pat
         raise OSError("shard 3 is missing")
         yield  # a generator, as loaders are
 
-    result = batchscope.tune(_loader_workload(broken_loader), device="cpu", budget_s=20,
+    result = batchscope.tune(_loader_workload(broken_loader), device="cpu", budget_s=10,
                              memory_budget="256MiB", out_dir=tmp_path)
     record = RunRecord.load(tmp_path / "run.json")
     assert record.sections["recommendation"]["batch_size"] == result.recommendation.batch_size
@@ -237,7 +237,7 @@ def test_ctrl_c_in_the_pipeline_check_keeps_the_plan_in_the_record(tmp_path, mon
     monkeypatch.setattr("batchscope.tuning.check_data_path", interrupted)
     with pytest.raises(KeyboardInterrupt):
         batchscope.tune(_loader_workload(lambda batch_size, device: iter(())), device="cpu",
-                        budget_s=20, memory_budget="256MiB", out_dir=tmp_path)
+                        budget_s=10, memory_budget="256MiB", out_dir=tmp_path)
     record = RunRecord.load(tmp_path / "run.json")
     assert {"memory", "throughput", "noise", "goodput"} <= set(record.sections)
     assert "recommendation" not in record.sections
