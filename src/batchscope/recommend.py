@@ -179,8 +179,9 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
     if evidence.noise_status == "ok" and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
         caveats.append(
             f"The noise scale was measured after {evidence.noise_measured_at_step} training steps; it "
-            f"usually grows as training proceeds, so larger batches pay off later (adaptive batch "
-            f"sizing exploits this)."
+            f"usually grows as training proceeds, so larger batches pay off later: track it "
+            f"during training with batchscope.GradientNoiseMonitor and grow the batch (with its "
+            f"LR) once it has grown well past this one."
         )
     pipeline = evidence.input_pipeline or {}
     if pipeline.get("bottleneck"):
