@@ -252,3 +252,24 @@ def test_the_smallest_budget_is_ten_seconds(monkeypatch, budget, accepted):
                 pytest.raises(batchscope.UsageError, match="budget=9.9 seconds is too small"))
     with expected:
         batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=budget)
+
+
+def test_a_slow_first_batch_does_not_leave_memory_at_the_start_size(monkeypatch):
+    # A cold disk can make the first batch (the first data load) take the memory probe's whole
+    # share; the probe must still look past its start size before the budget ends it.
+    model, optimizer, make_batch, loss = _user_objects()
+    calls = []
+
+    def slow_first_batch(batch_size, device, generator):
+        if not calls:
+            time.sleep(3.5)  # past the memory share of a 10 s budget (3 s)
+        calls.append(batch_size)
+        return make_batch(batch_size, device, generator)
+
+    workload = batchscope.Workload.from_objects(model, optimizer, loss, slow_first_batch,
+                                                reference_batch_size=64, dataset_size=4096)
+    result = batchscope.tune(workload, device="cpu", budget_s=10, memory_budget="256MiB")
+    memory = result.memory
+    assert memory.stop_reason == "time budget" and len(memory.probes) == 2
+    assert memory.max_batch_size > memory.probes[0].batch_size
+    assert result.recommendation.batch_size >= BATCHNORM_MIN_PER_DEVICE

@@ -64,6 +64,14 @@ DEFAULT_MARGIN = 0.10
 """Taken off the largest verified batch for the recommendation: headroom for what a few probe
 steps do not see (allocator fragmentation over a long run, other processes, a periodic eval)."""
 
+MIN_PROBES_ON_A_BUDGET = 2
+"""A time budget ends the search only from this probe on. The first probe, at the start size,
+says nothing about the limit (it also pays for the model build and the first data load, which
+on a cold disk can take the whole budget); the second is extrapolated from it towards the
+limit and is the most informative one. Stopping after one answers the start size itself: the
+likely cause of a CPU `tune` test that once recommended batch 7 (8 minus the margin) right
+after a cold start."""
+
 ROUNDING_THRESHOLD = 64
 """Recommendations of at least this size are rounded down to a multiple of 8, the granularity
 tensor cores and most kernels tile by; below it every example counts more than alignment."""
@@ -168,7 +176,8 @@ def probe_memory(
         workload_options: options for a built-in workload given by name.
         max_probes: safety net for pathological memory curves (reaching it is reported).
         time_budget_s: stop refining once this many seconds have gone and answer with the
-            largest verified fit so far (reported as stop_reason "time budget").
+            largest verified fit so far (reported as stop_reason "time budget"); never before
+            the second probe (see MIN_PROBES_ON_A_BUDGET).
         meter: how peak memory is read (testing hook); default: the device's counters.
 
     Raises:
@@ -209,7 +218,8 @@ def probe_memory(
                 probe = runner.probe(batch_size)
                 probes.append(probe)
                 search.record(batch_size, probe.fits, probe.peak_bytes)
-                if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+                if (time_budget_s is not None and len(probes) >= MIN_PROBES_ON_A_BUDGET
+                        and time.perf_counter() - started > time_budget_s):
                     search.stop_for_time()
                 logger.info("memory probe: batch %d %s (peak %s, %.2fs)", batch_size,
                             probe.reason, "-" if probe.peak_bytes is None

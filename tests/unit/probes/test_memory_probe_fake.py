@@ -402,11 +402,13 @@ def test_tolerance_controls_the_bracket() -> None:
 
 
 def test_time_budget_answers_with_the_largest_verified_fit_so_far() -> None:
-    # A zero budget stops after the first probe that fits: the answer is that verified size,
-    # and the result says the search ended on time rather than converging.
+    # A zero budget stops after the second probe (the first, at the start size, says nothing
+    # about the limit): the answer is the largest verified size, and the result says the
+    # search ended on time rather than converging.
     fake = FakeDevice(affine(100, 0.5))
     result = probe(fake, time_budget_s=0.0)
-    assert sizes(result) == [8]
-    assert result.max_batch_size == 8
+    assert sizes(result) == [8, 157]
+    assert [p.fits for p in result.probes] == [True, True]
+    assert result.max_batch_size == 157
     assert result.stop_reason == "time budget"
     assert "time budget ran out" in result.note
