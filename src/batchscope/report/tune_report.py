@@ -81,6 +81,9 @@ def _notes(sections: Mapping[str, Any], errors: list[str]) -> list[str]:
     if throughput.get("stop_reason"):
         notes.append(f"Throughput probe stopped early: {throughput['stop_reason']}.")
     notes += [f"Throughput probe: {n}" for n in throughput.get("notes", [])]
+    pipeline = throughput.get("input_pipeline") or {}
+    if pipeline.get("note") and not pipeline.get("bottleneck"):  # a bottleneck is a caveat above
+        notes.append(f"Input pipeline: {pipeline['note']}.")
     notes += [f"Noise probe: {n}" for n in (sections.get("noise") or {}).get("notes", [])]
     notes += [f"Goodput model: {n}" for n in (sections.get("goodput") or {}).get("notes", [])]
     notes += [f"Error: {e}" for e in errors]
