@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,7 @@ from batchscope.cli.common import (
     load_workload,
     print_json,
 )
-from batchscope.errors import ProbeFailedError, UsageError
+from batchscope.errors import UsageError
 from batchscope.probes.throughput import (
     DEFAULT_MAX_SECONDS_PER_POINT,
     DEFAULT_TIMED_STEPS,
@@ -58,27 +57,22 @@ def command(
     out: Optional[Path] = typer.Option(None, "--out", help="Write a run record (JSON) here."),
 ) -> None:
     """Measure training throughput at each batch size; report the knee and data bottlenecks."""
-    try:
-        loaded = load_workload(workload, option)
-        result = measure_throughput(
-            loaded,
-            batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes is not None else None,
-            device=device,
-            max_batch_size=max_batch_size,
-            warmup_steps=warmup_steps,
-            timed_steps=timed_steps,
-            fraction=fraction,
-            early_stop=early_stop,
-            data_path=data_path,
-            variants=variants,
-            max_seconds_per_point=max_seconds_per_point,
-        )
-    except UsageError as exc:
-        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
-        raise typer.Exit(2) from None
-    except ProbeFailedError as exc:  # an answer about the machine, not a bug: no traceback
-        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
-        raise typer.Exit(1) from None
+    # Bad input and "not even the smallest batch fits" are reported by cli.main, as for every
+    # command (one line, exit codes 2 and 1).
+    loaded = load_workload(workload, option)
+    result = measure_throughput(
+        loaded,
+        batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes is not None else None,
+        device=device,
+        max_batch_size=max_batch_size,
+        warmup_steps=warmup_steps,
+        timed_steps=timed_steps,
+        fraction=fraction,
+        early_stop=early_stop,
+        data_path=data_path,
+        variants=variants,
+        max_seconds_per_point=max_seconds_per_point,
+    )
     if out is not None:
         record = RunRecord(kind="probe-throughput", workload=loaded.describe(),
                            environment=environment_info(result.device),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import textwrap
+from types import SimpleNamespace
 
 import pytest
-import typer
-from typer.testing import CliRunner
-
 from batchscope.cli import probe_throughput
+from batchscope.cli.main import run
 from batchscope.errors import UsageError
 from batchscope.record import RunRecord
 
@@ -50,15 +49,19 @@ FAST = ["--warmup-steps", "1", "--timed-steps", "3", "--device", "cpu"]
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch):
+def cli(tmp_path, monkeypatch, capsys):
+    """`batchscope probe throughput --workload tiny_cli_workload:workload ...` through the real
+    entry point (so errors are formatted where every command's are): exit code and output."""
     (tmp_path / "tiny_cli_workload.py").write_text(WORKLOAD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    app = typer.Typer()
-    app.command()(probe_throughput.command)
-    runner = CliRunner()
 
-    def invoke(*args: str):
-        return runner.invoke(app, ["--workload", "tiny_cli_workload:workload", *FAST, *args])
+    def invoke(*args: str, workload: str = "tiny_cli_workload:workload"):
+        capsys.readouterr()  # drop anything printed before
+        with pytest.raises(SystemExit) as excinfo:
+            run(["probe", "throughput", "--workload", workload, *FAST, *args])
+        output = capsys.readouterr()
+        return SimpleNamespace(exit_code=excinfo.value.code, stdout=output.out,
+                               stderr=output.err)
 
     return invoke
 
@@ -109,9 +112,7 @@ def test_usage_errors_are_one_line_and_exit_code_2(cli, args, fragment):
 
 
 def test_unknown_entry_point_is_a_usage_error(cli):
-    app = typer.Typer()
-    app.command()(probe_throughput.command)
-    result = CliRunner().invoke(app, ["--workload", "no_such_module_xyz:workload", *FAST])
+    result = cli(workload="no_such_module_xyz:workload")
     assert result.exit_code == 2
     assert "no_such_module_xyz" in result.stderr
 
