@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -46,6 +48,28 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             value = raw
         options[key.strip()] = value
     return options
+
+
+OUT_FILE_HELP = ("Write the run record (JSON) to this file, or into this existing directory "
+                 "as {name}.")
+
+
+def record_path(out: Path | None, default_name: str) -> Path | None:
+    """Where a probe's `--out` record goes, checked before the probe runs: minutes of measuring
+    must not end in an unwritable path and a traceback. An existing directory gets
+    `default_name` inside it; missing parent directories are created."""
+    if out is None:
+        return None
+    path = out / default_name if out.is_dir() else out
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        test_file = path.parent / f".batchscope-write-test-{os.getpid()}"
+        test_file.write_text("ok")
+        test_file.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {str(out)!r} is not writable ({exc.strerror or exc}); pass a "
+                         f"writable file or directory") from None
+    return path
 
 
 def print_json(data: Any) -> None:

@@ -13,10 +13,12 @@ from batchscope.cli.common import (
     DEVICE_HELP,
     JSON_HELP,
     OPTION_HELP,
+    OUT_FILE_HELP,
     WORKLOAD_HELP,
     console,
     parse_options,
     print_json,
+    record_path,
 )
 from batchscope.probes.memory import (
     DEFAULT_MARGIN,
@@ -55,10 +57,11 @@ def command(
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Also write a run record (JSON) to this path."
+        None, "--out", help=OUT_FILE_HELP.format(name="memory.json")
     ),
 ) -> None:
     """Find the largest batch whose training steps fit in memory."""
+    out = record_path(out, "memory.json")
     options = parse_options(option or [])
     budget = parse_size(memory_budget) if memory_budget is not None else None
     result = probe_memory(

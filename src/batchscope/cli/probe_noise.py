@@ -12,11 +12,13 @@ from batchscope.cli.common import (
     DEVICE_HELP,
     JSON_HELP,
     OPTION_HELP,
+    OUT_FILE_HELP,
     WORKLOAD_HELP,
     console,
     err_console,
     load_workload,
     print_json,
+    record_path,
 )
 from batchscope.device import resolve_device
 from batchscope.probes.noise import DEFAULT_ACCUMULATION, DEFAULT_STEPS, NoiseScaleResult, estimate_noise_scale
@@ -40,10 +42,12 @@ def command(
     confidence: float = typer.Option(0.9, "--confidence", help="Level of the interval."),
     seed: int = typer.Option(0, "--seed", help="Seed for the batches drawn."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the run record (JSON) here."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help=OUT_FILE_HELP.format(name="noise.json")),
 ) -> None:
     """Measure the gradient noise scale B_simple: the batch size beyond which bigger batches
     stop paying for themselves in fewer steps."""
+    out = record_path(out, "noise.json")
     spec = load_workload(workload, option)
     resolved = resolve_device(device)
     if not json_out:

@@ -12,10 +12,12 @@ from batchscope.cli.common import (
     DEVICE_HELP,
     JSON_HELP,
     OPTION_HELP,
+    OUT_FILE_HELP,
     WORKLOAD_HELP,
     console,
     load_workload,
     print_json,
+    record_path,
 )
 from batchscope.errors import UsageError
 from batchscope.probes.throughput import (
@@ -54,9 +56,11 @@ def command(
     variants: bool = typer.Option(False, "--variants/--no-variants",
                                   help="Also measure bf16 autocast + channels_last."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write a run record (JSON) here."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help=OUT_FILE_HELP.format(name="throughput.json")),
 ) -> None:
     """Measure training throughput at each batch size; report the knee and data bottlenecks."""
+    out = record_path(out, "throughput.json")
     # Bad input and "not even the smallest batch fits" are reported by cli.main, as for every
     # command (one line, exit codes 2 and 1).
     loaded = load_workload(workload, option)

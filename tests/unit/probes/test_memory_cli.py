@@ -82,3 +82,18 @@ def test_usage_errors(app: typer.Typer, args: list[str], match: str) -> None:
     result = CliRunner().invoke(app, ["-w", SPEC, "--device", "cpu", *args])
     assert isinstance(result.exception, UsageError)
     assert match in str(result.exception)
+
+
+def test_out_is_checked_before_probing_and_may_be_a_directory(app, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(cli, "probe_memory",
+                        lambda *a, **k: pytest.fail("probed before checking --out"))
+    result = CliRunner().invoke(app, ["-w", SPEC, "--device", "cpu", "--memory-budget", "256MiB",
+                                      "--out", str(blocker / "memory.json")])
+    assert isinstance(result.exception, UsageError) and "is not writable" in str(result.exception)
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, ["-w", SPEC, "--device", "cpu", "--memory-budget", "256MiB",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert RunRecord.load(tmp_path / "memory.json").kind == "probe-memory"

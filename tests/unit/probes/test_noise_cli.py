@@ -55,3 +55,18 @@ def test_bad_values_raise_usage_errors(app):
     assert isinstance(result.exception, UsageError) and "steps=1" in str(result.exception)
     result = CliRunner().invoke(app, ["-w", ENTRY, "--device", "cpu", "--method", "exact"])
     assert isinstance(result.exception, UsageError) and "method='exact'" in str(result.exception)
+
+
+def test_out_is_checked_before_measuring_and_may_be_a_directory(app, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr("batchscope.cli.probe_noise.estimate_noise_scale",
+                        lambda *a, **k: pytest.fail("measured before checking --out"))
+    result = CliRunner().invoke(app, ["-w", ENTRY, "--device", "cpu", "--out",
+                                      str(blocker / "noise.json")])
+    assert isinstance(result.exception, UsageError) and "is not writable" in str(result.exception)
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, ["-w", ENTRY, "--device", "cpu", "--steps", "8",
+                                      "--accumulation", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert RunRecord.load(tmp_path / "noise.json").kind == "probe-noise"

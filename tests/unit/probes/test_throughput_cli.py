@@ -126,3 +126,24 @@ def test_parse_batch_sizes(text, sizes):
 def test_parse_batch_sizes_rejects(text):
     with pytest.raises(UsageError, match="--batch-sizes"):
         probe_throughput.parse_batch_sizes(text)
+
+
+def test_out_may_be_an_existing_directory(cli, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    result = cli("--batch-sizes", "8", "--out", str(runs))
+    assert result.exit_code == 0, result.stderr
+    assert RunRecord.load(runs / "throughput.json").kind == "probe-throughput"
+
+
+def test_an_unwritable_out_fails_before_measuring(cli, tmp_path, monkeypatch):
+    # A parent that is a file cannot hold the record (a permission bit would not stop root).
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setattr(probe_throughput, "measure_throughput",
+                        lambda *a, **k: pytest.fail("measured before checking --out"))
+    result = cli("--batch-sizes", "8", "--out", str(blocker / "throughput.json"))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: --out '{blocker / 'throughput.json'}' is not "
+                                    f"writable")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
