@@ -87,6 +87,16 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *,
     return Path(path)
 
 
+def check_writable_directory(directory: str | os.PathLike[str]) -> None:
+    """Create `directory` if missing and prove a file can be written in it, so a run can refuse
+    an unusable output path before it measures anything. Raises the OSError that says why."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    test_file = directory / f".batchscope-write-test-{os.getpid()}"
+    test_file.write_text("ok")
+    test_file.unlink()
+
+
 @contextlib.contextmanager
 def _atomic_output(path: Path, mode: str, durable: bool = True) -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from batchscope import device as devices
 from batchscope import scaling
 from batchscope.analysis.goodput import GoodputPlan, plan_batch_size
 from batchscope.analysis.throughput_model import fit_throughput_model
+from batchscope.atomic import check_writable_directory
 from batchscope.errors import UsageError
 from batchscope.guard import StateGuard
 from batchscope.probes.memory import MemoryProbeResult, parse_size, probe_memory
@@ -261,10 +262,7 @@ def _prepare_out_dir(out_dir: str | Path | None) -> Path | None:
         return None
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".batchscope-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        check_writable_directory(out)
     except OSError as exc:
         raise UsageError(
             f"output directory {str(out)!r} is not writable ({exc.strerror}); pass --out with a "

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from batchscope.atomic import check_writable_directory
 from batchscope.errors import UsageError
 from batchscope.record import to_jsonable
 from batchscope.workload import Workload, resolve_workload
@@ -62,10 +62,7 @@ def record_path(out: Path | None, default_name: str) -> Path | None:
         return None
     path = out / default_name if out.is_dir() else out
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        test_file = path.parent / f".batchscope-write-test-{os.getpid()}"
-        test_file.write_text("ok")
-        test_file.unlink()
+        check_writable_directory(path.parent)
     except OSError as exc:
         raise UsageError(f"--out {str(out)!r} is not writable ({exc.strerror or exc}); pass a "
                          f"writable file or directory") from None

@@ -187,7 +187,7 @@ def check_data_path(
     `tune` runs it at the batch it recommends, the one the user will train at, rather than at
     the throughput knee, where a CPU loader can take seconds a batch."""
     batch_size = require_int("batch_size", batch_size)
-    _check_arguments(warmup_steps, timed_steps, 0.5, None)
+    _check_steps(warmup_steps, timed_steps)
     _check_seconds_cap("max_seconds_per_path", max_seconds_per_path)
     workload = resolve_workload(workload)
     if workload.data_loader is None:
@@ -385,12 +385,16 @@ def _pipeline_plan(curve: Any, timing: dict[str, Any], deadline: float | None,
 
 def _check_arguments(warmup_steps: int, timed_steps: int, fraction: float,
                      max_seconds_per_point: float | None) -> None:
-    require_int("warmup_steps", warmup_steps, minimum=0, hint="3 is typical")
-    require_int("timed_steps", timed_steps)
+    _check_steps(warmup_steps, timed_steps)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
             or not 0 < fraction < 1:
         raise UsageError(f"fraction={fraction!r} must be strictly between 0 and 1, e.g. 0.95")
     _check_seconds_cap("max_seconds_per_point", max_seconds_per_point)
+
+
+def _check_steps(warmup_steps: int, timed_steps: int) -> None:
+    require_int("warmup_steps", warmup_steps, minimum=0, hint="3 is typical")
+    require_int("timed_steps", timed_steps)
 
 
 def _check_seconds_cap(name: str, value: float | None) -> None:
