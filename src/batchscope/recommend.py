@@ -52,6 +52,8 @@ class Evidence:
     noise_status: str = "missing"
     noise_interval: tuple[float | None, float | None] = (None, None)
     noise_measured_at_step: int = 0
+    # The steps tune trains before measuring when the budget allows (None: no such rule).
+    noise_standard_train_steps: int | None = None
     knee_batch_size: int | None = None
     input_pipeline: Mapping[str, Any] | None = None
     has_batchnorm: bool = False
@@ -182,6 +184,13 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
             f"usually grows as training proceeds, so larger batches pay off later: track it "
             f"during training with batchscope.GradientNoiseMonitor and grow the batch (with its "
             f"LR) once it has grown well past this one."
+        )
+    standard = evidence.noise_standard_train_steps
+    if evidence.noise_status == "ok" and standard and evidence.noise_measured_at_step < standard:
+        caveats.append(
+            f"The budget paid for {evidence.noise_measured_at_step} of the {standard} training "
+            f"steps (half an epoch) tune runs before measuring the noise scale; with a larger "
+            f"--budget the measurement, and possibly the recommendation, would differ."
         )
     pipeline = evidence.input_pipeline or {}
     if pipeline.get("bottleneck"):

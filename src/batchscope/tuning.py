@@ -6,8 +6,10 @@ planned batch -> recommendation -> record/report.
 The record is saved after every stage, so a run that fails or is interrupted keeps what it
 measured (and says what went wrong in `errors`). The time budget is shared out up front: the
 memory probe first (everything depends on it), then throughput up to the memory limit, then the
-noise probe with as many samples as the remaining time buys, less a few seconds kept for the
-input-pipeline check when the workload has a data loader.
+noise probe, less a few seconds kept for the input-pipeline check when the workload has a data
+loader. The budget is a ceiling: the noise probe trains a fixed half epoch before measuring and
+stops sampling once the planned batch no longer depends on where the noise scale lies in its
+interval (`tune_noise`), so a generous budget finishes early with the same answer.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from batchscope.probes.input_pipeline import InputPipelineResult, not_measured
 from batchscope.probes.throughput import ThroughputResult, check_data_path, measure_throughput
 from batchscope.record import RunRecord, environment_info
 from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE, Evidence, Recommendation, recommend
+from batchscope.tune_noise import NOISE_ACCUMULATION, SettledDecision, plan_noise_probe
 from batchscope.workload import Workload, resolve_workload
 
 logger = logging.getLogger(__name__)
@@ -53,19 +56,14 @@ CPU_DEFAULT_BUDGET_BYTES = 2 * 1024**3
 # finishes the probe in flight); the noise probe plans its sample count from what is left.
 # Noise gets the largest share because its interval narrows only as 1/sqrt(samples), while
 # memory converges in a handful of probes and throughput stops once the curve flattens.
+# (How the noise probe spends its part: `tune_noise`.)
 MEMORY_SHARE = 0.30
 THROUGHPUT_SHARE = 0.30
-NOISE_SHARE = 0.60  # of the remainder, after the training steps' share
-NOISE_TRAIN_SHARE = 0.35
 MAX_ACCUMULATION = 16
-NOISE_ACCUMULATION = 4  # micro-batches per noise sample: small batch b, big batch 4b
-# Building the model, a fresh optimizer and first-use imports inside the noise probe.
-NOISE_FIXED_S = 3.0
-# Beyond ~200 samples the interval narrows slowly (1/sqrt(n)) while the cost grows linearly.
-MAX_NOISE_SAMPLES = 200
-# The recommendation without a noise scale can only follow throughput, so even an overrun
-# budget buys this many samples (a few reference-sized steps' worth) rather than none.
-MIN_NOISE_SAMPLES = 16
+# Batches leaving fewer optimizer steps than this per epoch are not training batches anyone
+# would pick (on CIFAR-10 that is 5,000 of 50,000), so neither the memory probe nor the plan
+# goes beyond them: probing a dataset-sized batch cost 2.4 s of a 19 s tune on an H200.
+MIN_STEPS_PER_EPOCH = 10
 # Seconds per path (device-resident batches, then the user's loader) of the input-pipeline check:
 # half of what the budget has left, but at least enough for a few steps.
 PIPELINE_MIN_S = 1.0
@@ -122,7 +120,9 @@ def tune(
     gradient accumulation for `workload` on `device`.
 
     Args:
-        budget_s: wall-clock seconds to plan for (the probes adapt their sample counts to it).
+        budget_s: the most wall-clock seconds to spend (a ceiling: the probes stop once they
+            have their answer; a budget too short for the noise probe's half epoch of training
+            trains less, and the recommendation says so).
         target: "time" minimises predicted wall time to the target loss; "examples" keeps the
             examples needed within 10% of the minimum, then picks the fastest such batch.
         optimizer_family: "sgd" (linear LR rule) or "adam" (square root); defaults to the
@@ -162,7 +162,9 @@ def tune(
         return value
 
     memory: MemoryProbeResult = stage("memory probe", lambda: probe_memory(
-        resolved, device=where, memory_budget=budget_bytes, time_budget_s=MEMORY_SHARE * budget_s))
+        resolved, device=where, memory_budget=budget_bytes, time_budget_s=MEMORY_SHARE * budget_s,
+        max_batch_size=_largest_useful_batch(resolved),
+        max_batch_size_reason=f"batch giving {MIN_STEPS_PER_EPOCH} steps an epoch"))
     record.sections["memory"] = memory.to_dict()
     _save(record, out)
 
@@ -171,37 +173,36 @@ def tune(
         resolved, device=where, max_batch_size=memory.recommended_batch_size,
         time_budget_s=THROUGHPUT_SHARE * budget_s, data_path=False))
     record.sections["throughput"] = throughput.to_dict()
-    model = _throughput_model(throughput)
+    step_time = _throughput_model(throughput)
 
-    remaining = budget_s - (time.perf_counter() - started)
     limit = memory.recommended_batch_size
-    train_steps, samples = _noise_plan(resolved, model, remaining, limit)
-    if samples < MIN_NOISE_SAMPLES:
-        if remaining <= NOISE_FIXED_S:  # the earlier probes spent the budget, not the noise probe
-            record.errors.append(
-                f"the memory and throughput probes left {max(0.0, remaining):.0f}s of the "
-                f"{budget_s:g}s budget; the noise probe takes {MIN_NOISE_SAMPLES} samples anyway "
-                f"(its interval is wide); raise --budget for a tighter one"
-            )
-        samples = MIN_NOISE_SAMPLES
+    has_batchnorm = _has_batchnorm(resolved, where)
+    floor = min(BATCHNORM_MIN_PER_DEVICE, limit) if has_batchnorm else 1
+
+    def plan_for(noise_value: float | None) -> GoodputPlan:
+        candidates = _candidates(resolved, throughput, limit, target, noise_value, floor)
+        return plan_batch_size(
+            candidates, step_time, noise_value, max_fit_batch_size=limit,
+            reference_batch_size=resolved.reference_batch_size,
+            max_accumulation=_max_accumulation(resolved.reference_batch_size, limit))
+
+    reserved_s = 2 * PIPELINE_MIN_S if resolved.data_loader is not None else 0.0
+    noise_plan = plan_noise_probe(resolved, step_time.step_seconds,
+                                  budget_s - (time.perf_counter() - started), limit, reserved_s)
+    if noise_plan.shortfall:
+        record.errors.append(noise_plan.shortfall)
     # Micro-batches within what fits; reference-sized training steps are accumulated.
     micro = min(max(1, resolved.reference_batch_size // NOISE_ACCUMULATION), limit)
     noise: NoiseScaleResult = stage("noise probe", lambda: estimate_noise_scale(
-        resolved, device=where, steps=samples, train_steps=train_steps,
+        resolved, device=where, steps=noise_plan.samples, train_steps=noise_plan.train_steps,
         micro_batch_size=micro, accumulation=NOISE_ACCUMULATION,
-        train_batch_size=min(resolved.reference_batch_size, limit)))
-    record.sections["noise"] = noise.to_dict()
+        train_batch_size=min(resolved.reference_batch_size, limit),
+        stop_when=SettledDecision(lambda value: plan_for(value).batch_size,
+                                  what="planned batch size")))
+    record.sections["noise"] = {**noise.to_dict(), "plan": dataclasses.asdict(noise_plan)}
 
-    has_batchnorm = _has_batchnorm(resolved, where)
     noise_value = _usable_noise(noise)
-    floor = min(BATCHNORM_MIN_PER_DEVICE, memory.recommended_batch_size) if has_batchnorm else 1
-    candidates = _candidates(resolved, throughput, memory.recommended_batch_size, target,
-                             noise_value, floor)
-    plan = plan_batch_size(
-        candidates, model, noise_value, max_fit_batch_size=memory.recommended_batch_size,
-        reference_batch_size=resolved.reference_batch_size,
-        max_accumulation=_max_accumulation(resolved.reference_batch_size, limit),
-    )
+    plan = plan_for(noise_value)
     record.sections["goodput"] = plan.to_dict()
     if resolved.data_loader is not None:
         pipeline = stage("input pipeline check", lambda: _check_data_path(
@@ -217,7 +218,8 @@ def tune(
         noise_scale=noise_value,
         noise_status=noise.status,
         noise_interval=(noise.ci_low, noise.ci_high),
-        noise_measured_at_step=train_steps,
+        noise_measured_at_step=noise_plan.train_steps,
+        noise_standard_train_steps=noise_plan.standard_train_steps,
         knee_batch_size=throughput.knee_batch_size,
         input_pipeline=_as_dict(throughput.input_pipeline),
         has_batchnorm=has_batchnorm,
@@ -297,33 +299,6 @@ def _max_accumulation(reference_batch_size: int, limit: int) -> int:
     return max(MAX_ACCUMULATION, math.ceil(reference_batch_size / limit))
 
 
-def _noise_plan(workload: Workload, model: Any, remaining_s: float, limit: int) -> tuple[int, int]:
-    """(training steps before measuring, noise samples) that fit the remaining budget.
-
-    A sample costs about one reference-sized step (k micro-batches of reference/k); training
-    first moves the measurement past initialisation, where B_noise is smallest. When the
-    reference batch does not fit, its steps are accumulated from micro-batches that do.
-    """
-    reference = workload.reference_batch_size
-    fitting = min(reference, limit)
-    # A training step at the reference batch (accumulated when it does not fit) ...
-    train_step_s = float(model.step_seconds(fitting)) * math.ceil(reference / fitting)
-    # ... and a noise sample: NOISE_ACCUMULATION backward passes at the micro-batch, each
-    # followed by gradient-norm reductions (about half a step again on small models).
-    micro = min(max(1, reference // NOISE_ACCUMULATION), limit)
-    sample_s = float(model.step_seconds(micro)) * NOISE_ACCUMULATION * 1.5
-    if not (math.isfinite(train_step_s) and math.isfinite(sample_s)) or sample_s <= 0:
-        return 0, 0
-    usable_s = remaining_s - NOISE_FIXED_S
-    if workload.data_loader is not None:  # what the input-pipeline check takes at least
-        usable_s -= 2 * PIPELINE_MIN_S
-    epoch_steps = (workload.dataset_size or 0) // reference
-    train_steps = int(min(epoch_steps or 200, max(0.0, NOISE_TRAIN_SHARE * usable_s) / train_step_s))
-    left_s = usable_s - train_steps * train_step_s
-    samples = int(min(MAX_NOISE_SAMPLES, max(0.0, NOISE_SHARE * left_s) / sample_s))
-    return max(0, train_steps), samples
-
-
 def _check_data_path(workload: Workload, where: torch.device, batch_size: int,
                      remaining_s: float, record: RunRecord) -> InputPipelineResult:
     """The input-pipeline check at `batch_size`, the per-device batch the plan picked: that is
@@ -352,8 +327,9 @@ def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: 
     memory limit and the reference."""
     smallest = max(floor, min(p.batch_size for p in throughput.points))
     largest = memory_limit * _max_accumulation(workload.reference_batch_size, memory_limit)
-    if workload.dataset_size:
-        largest = min(largest, workload.dataset_size)
+    useful = _largest_useful_batch(workload)
+    if useful is not None:
+        largest = min(largest, useful)
     sizes = {memory_limit, workload.reference_batch_size}
     size = 1 << max(0, smallest.bit_length() - 1)
     while size <= largest:
@@ -364,6 +340,14 @@ def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: 
         sample_efficient = {s for s in sizes if s <= EXAMPLES_SLACK * noise}
         sizes = sample_efficient or {min(sizes)}
     return sorted(sizes)
+
+
+def _largest_useful_batch(workload: Workload) -> int | None:
+    """The batch giving MIN_STEPS_PER_EPOCH optimizer steps an epoch, or the reference batch if
+    that is larger (the plan must be able to express it); None without a dataset size."""
+    if not workload.dataset_size:
+        return None
+    return max(workload.reference_batch_size, workload.dataset_size // MIN_STEPS_PER_EPOCH)
 
 
 def _has_batchnorm(workload: Workload, where: torch.device) -> bool:

@@ -12,14 +12,19 @@ from torch import nn
 
 import batchscope
 from batchscope.cli.main import run
+from batchscope.probes.noise import estimate_noise_scale
 from batchscope.record import RunRecord
+from batchscope import tune_noise
 from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE
+from batchscope.tune_noise import NoisePlan
 
 @pytest.fixture(autouse=True)
 def fixed_noise_plan(monkeypatch):
     """The noise probe's sample count normally follows the measured step time and the budget
     left; pin it (2 training steps, 16 samples) so a slow CI machine cannot starve it."""
-    monkeypatch.setattr("batchscope.tuning._noise_plan", lambda *args, **kwargs: (2, 16))
+    monkeypatch.setattr("batchscope.tuning.plan_noise_probe",
+                        lambda *args, **kwargs: NoisePlan(train_steps=2, standard_train_steps=2,
+                                                          samples=16))
 
 
 FIGURE_TITLES = ("Peak memory vs batch size", "Throughput vs batch size", "Gradient noise scale",
@@ -99,15 +104,15 @@ def test_tune_recommends_within_what_it_measured_and_leaves_user_objects_alone(t
 def test_a_spent_budget_still_buys_the_noise_probe_its_minimum(tmp_path, monkeypatch):
     # What an H200 run hit: memory and throughput overran the budget, the noise probe was
     # skipped, and throughput alone picked the dataset-sized batch with a 352x LR.
-    monkeypatch.setattr("batchscope.tuning._noise_plan", lambda *args, **kwargs: (0, 0))
+    monkeypatch.setattr("batchscope.tuning.plan_noise_probe", tune_noise.plan_noise_probe)
     # Whatever this machine's speed, count the budget as spent once the throughput probe ends.
-    monkeypatch.setattr("batchscope.tuning.NOISE_FIXED_S", 1e9)
+    monkeypatch.setattr("batchscope.tune_noise.NOISE_FIXED_S", 1e9)
     model, optimizer, make_batch, loss = _user_objects()
     workload = batchscope.Workload.from_objects(model, optimizer, loss, make_batch,
                                                 reference_batch_size=64, dataset_size=4096)
     result = batchscope.tune(workload, device="cpu", budget_s=20, memory_budget="256MiB",
                              lr_rule="sqrt")
-    assert result.noise is not None and result.noise.samples == batchscope.tuning.MIN_NOISE_SAMPLES
+    assert result.noise is not None and result.noise.samples == tune_noise.MIN_NOISE_SAMPLES
     assert any("takes 16 samples anyway" in error for error in result.record.errors)
     assert result.recommendation.lr_rule == "sqrt"
     assert result.record.sections["settings"]["lr_rule"] == "sqrt"
@@ -164,6 +169,36 @@ def test_cli_tune_on_the_small_builtin_writes_json_and_report_and_report_rerende
     pipeline = sections["throughput"]["input_pipeline"]
     assert pipeline["batch_size"] == rec["per_device_batch_size"]
     assert f"at batch size {rec['per_device_batch_size']} the data path delivers" in html
+
+
+def test_the_budget_is_a_ceiling_the_noise_probe_stops_once_the_batch_is_settled(monkeypatch):
+    monkeypatch.setattr("batchscope.tuning.plan_noise_probe", tune_noise.plan_noise_probe)
+    rules = []
+
+    def spy(*args, **kwargs):
+        rules.append(kwargs["stop_when"])
+        return estimate_noise_scale(*args, **kwargs)
+
+    monkeypatch.setattr("batchscope.tuning.estimate_noise_scale", spy)
+    model, optimizer, make_batch, loss = _user_objects()
+    workload = batchscope.Workload.from_objects(model, optimizer, loss, make_batch,
+                                                reference_batch_size=64, dataset_size=4096)
+    result = batchscope.tune(workload, device="cpu", budget_s=120, memory_budget="256MiB")
+
+    # Memory and the plan stop at the batch giving 10 steps an epoch (4096 // 10).
+    assert result.memory.max_batch_size <= 409 < 4096
+    assert max(p.batch_size for p in result.plan.curve) <= 409
+    noise, plan = result.noise, result.record.sections["noise"]["plan"]
+    # Half an epoch of training first (4096 / 64 / 2), which 120 s afford on this tiny model.
+    assert plan["train_steps"] == plan["standard_train_steps"] == noise.train_steps == 32
+    # The stop rule decides with the very plan that made the recommendation ...
+    decide = rules[0].decide
+    assert decide(noise.b_simple) == result.recommendation.batch_size
+    stopped_early = noise.samples < plan["samples"]
+    assert stopped_early == any("stopped after" in n for n in noise.notes)
+    if stopped_early:  # ... and stopped only once the interval's ends planned the same batch
+        assert noise.samples >= tune_noise.MIN_NOISE_SAMPLES
+        assert decide(noise.ci_low) == decide(noise.ci_high) == result.recommendation.batch_size
 
 
 def test_a_reference_batch_larger_than_memory_is_accumulated_everywhere(tmp_path):

@@ -82,3 +82,11 @@ def test_early_noise_ddp_and_pipeline_caveats():
     assert "Loader gives 10k/s vs 40k/s" in rec.caveats
     assert text.count("caps throughput") == 0  # the probe's note is used as it is, not repeated
     assert "exceeds the noise scale" in text  # linear scaling past B_noise overshoots
+
+
+def test_a_budget_that_cut_the_training_before_the_noise_probe_is_said():
+    cut = _recommend(Plan(1024, 1024, 1), noise_measured_at_step=70, noise_standard_train_steps=195)
+    assert any("The budget paid for 70 of the 195 training steps" in c and "--budget" in c
+               for c in cut.caveats)
+    full = _recommend(Plan(1024, 1024, 1), noise_measured_at_step=195, noise_standard_train_steps=195)
+    assert not any("The budget paid for" in c for c in full.caveats)

@@ -21,7 +21,7 @@ def command(
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     budget: float = typer.Option(
         300.0, "--budget",
-        help="Time budget in seconds for all probes (at least 10; a GPU ResNet-18 needs about 20, a CPU minutes)."),
+        help="Most seconds to spend on all probes, a ceiling: tune stops once it has its answer (at least 10; a GPU ResNet-18 needs about 20, a CPU minutes)."),
     target: str = typer.Option("time", "--target", help="time (fastest to target) or examples."),
     optimizer_family: Optional[str] = typer.Option(
         None, "--optimizer-family", help="sgd (linear LR rule) or adam (sqrt); default: the workload's."),

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -76,7 +76,10 @@ ROUNDING_THRESHOLD = 64
 """Recommendations of at least this size are rounded down to a multiple of 8, the granularity
 tensor cores and most kernels tile by; below it every example counts more than alignment."""
 
-CappedBy = Literal["user max_batch_size", "dataset size"]
+# "user max_batch_size", "dataset size", or the name a caller gives its max_batch_size
+# (tune's cap is "fewest steps per epoch").
+CappedBy = str
+USER_CAP = "user max_batch_size"
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ def probe_memory(
     max_probes: int = DEFAULT_MAX_PROBES,
     time_budget_s: float | None = None,
     meter: MemoryMeter | None = None,
+    max_batch_size_reason: str = USER_CAP,
 ) -> MemoryProbeResult:
     """Find the largest batch whose training steps fit in memory.
 
@@ -179,6 +183,8 @@ def probe_memory(
             largest verified fit so far (reported as stop_reason "time budget"); never before
             the second probe (see MIN_PROBES_ON_A_BUDGET).
         meter: how peak memory is read (testing hook); default: the device's counters.
+        max_batch_size_reason: what `max_batch_size` stands for, as `capped_by` and the note
+            name it when it stops the search (tune passes its own cap's reason).
 
     Raises:
         UsageError: bad arguments (no budget on CPU, isolate with a Workload object...).
@@ -203,7 +209,7 @@ def probe_memory(
     resolved = resolve_workload(workload, **options)
     where = devices.resolve_device(device)
     budget = _resolve_budget(memory_budget, where, default_meter=meter is None)
-    cap, cap_source = _upper_bound(max_batch_size, resolved.dataset_size)
+    cap, cap_source = _upper_bound(max_batch_size, max_batch_size_reason, resolved.dataset_size)
     plan = ProbePlan(budget_bytes=budget, steps=steps, eval_batch_factor=eval_batch_factor)
     start = start_batch_size if cap is None else min(start_batch_size, cap)
     search = LimitSearch(budget, tolerance=tolerance, start=start, max_batch_size=cap,
@@ -284,11 +290,11 @@ def _resolve_budget(
 
 
 def _upper_bound(
-    max_batch_size: int | None, dataset_size: int | None
+    max_batch_size: int | None, reason: str, dataset_size: int | None
 ) -> tuple[int | None, CappedBy | None]:
     bounds: list[tuple[int, CappedBy]] = []
     if max_batch_size is not None:
-        bounds.append((max_batch_size, "user max_batch_size"))
+        bounds.append((max_batch_size, reason))
     if dataset_size is not None:
         bounds.append((dataset_size, "dataset size"))
     if not bounds:

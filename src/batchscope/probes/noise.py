@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -137,6 +137,7 @@ def estimate_noise_scale(
     precondition: Precondition = None,
     confidence: float = 0.9,
     seed: int = 0,
+    stop_when: StopRule | None = None,
 ) -> NoiseScaleResult:
     """Measure B_simple for `workload` at fixed parameters.
 
@@ -163,6 +164,11 @@ def estimate_noise_scale(
             with an Adam-family workload optimizer.
         confidence: level of the interval.
         seed: seeds the batches drawn and the model's randomness (dropout).
+        stop_when: consulted after each sample with the estimate so far (at `confidence`);
+            returning True ends the probe before `steps` samples, e.g. once the decision the
+            noise scale feeds no longer depends on where it lies in its interval
+            (`tune_noise.SettledDecision`, whose `reason` the note
+            quotes). `notes` say when it stopped.
     """
     workload = resolve_workload(workload)
     _check_arguments(steps, micro_batch_size, accumulation, method, train_steps, seed, precondition)
@@ -200,14 +206,17 @@ def estimate_noise_scale(
                 f"so micro-batch gradients are not exact averages of i.i.d. per-example gradients; "
                 f"B_simple describes batches formed that way"
             )
+        done = _stopper(stop_when, confidence, steps, notes)
         if method == "accumulation":
             tracker, tokens_per_example = _measure_accumulation(
-                workload, model, device, steps, b, accumulation, generator, scaler, optimizer, precondition, notes
+                workload, model, device, steps, b, accumulation, generator, scaler, optimizer, precondition,
+                notes, done
             )
             small, big = b, b * accumulation
         else:
             tracker, tokens_per_example = _measure_per_example(
-                workload, model, device, steps, b * accumulation, generator, optimizer, precondition, notes
+                workload, model, device, steps, b * accumulation, generator, optimizer, precondition, notes,
+                done
             )
             small, big = 1, b * accumulation
     if tracker.skipped:
@@ -217,6 +226,27 @@ def estimate_noise_scale(
         raise ProbeFailedError(f"no finite noise sample in {steps} steps; every step overflowed")
     return _result(estimate, time.perf_counter() - started, method, small, big, workload, train_steps,
                    precondition, tracker.skipped, tokens_per_example, notes)
+
+
+StopRule = Callable[[NoiseScaleEstimate], bool]
+
+
+def _stopper(stop_when: StopRule | None, confidence: float, steps: int,
+             notes: list[str]) -> Callable[[NoiseTracker], bool]:
+    """Whether the samples so far end the probe: `stop_when` on the estimate so far (never on
+    the last planned sample, which ends it anyway). Says so in `notes` when it does."""
+
+    def done(tracker: NoiseTracker) -> bool:
+        if stop_when is None or tracker.samples < 2 or tracker.samples >= steps:
+            return False
+        estimate = tracker.estimate(confidence)
+        if estimate is None or not stop_when(estimate):
+            return False
+        reason = getattr(stop_when, "reason", "stop_when was met")
+        notes.append(f"stopped after {tracker.samples} of at most {steps} samples: {reason}")
+        return True
+
+    return done
 
 
 # -- the two measurements -------------------------------------------------------------------
@@ -234,6 +264,7 @@ def _measure_accumulation(
     optimizer: torch.optim.Optimizer | None,
     precondition: Precondition,
     notes: list[str],
+    done: Callable[[NoiseTracker], bool],
 ) -> tuple[NoiseTracker, float | None]:
     monitor = GradientNoiseMonitor(
         model,
@@ -259,6 +290,8 @@ def _measure_accumulation(
                     break
                 # fp16 gradients overflowed: retry the sample at half the loss scale.
                 scaler.update(new_scale=scaler.get_scale() / 2.0)
+            if done(monitor.tracker):
+                break
     finally:
         monitor.close()
         model.zero_grad(set_to_none=True)
@@ -275,6 +308,7 @@ def _measure_per_example(
     optimizer: torch.optim.Optimizer | None,
     precondition: Precondition,
     notes: list[str],
+    done: Callable[[NoiseTracker], bool],
 ) -> tuple[NoiseTracker, float | None]:
     if batch_size < 2:
         raise UsageError(f"per-example batch micro_batch_size*accumulation={batch_size} must be >= 2")
@@ -321,6 +355,8 @@ def _measure_per_example(
                 grad_sum[name] += g.sum(0)
         big_sq = sum(float((total / batch_size).square().sum()) for total in grad_sum.values())
         tracker.add(NoiseSample.from_norms(1, float(sq_norm_sum) / batch_size, batch_size, big_sq))
+        if done(tracker):
+            break
     return tracker, _tokens_per_example(workload, units, examples)
 
 

@@ -231,6 +231,14 @@ def test_user_max_batch_size_is_said() -> None:
     assert "user max_batch_size" in result.note and "larger batches may fit" in result.note
 
 
+def test_a_callers_bound_is_named_as_the_caller_says() -> None:
+    fake = FakeDevice(affine(100, 0.5))
+    result = probe(fake, workload=fake_workload(fake, dataset_size=5000), max_batch_size=500,
+                   max_batch_size_reason="batch giving 10 steps an epoch")
+    assert result.max_batch_size == 500 and result.capped_by == "batch giving 10 steps an epoch"
+    assert "stopped at the batch giving 10 steps an epoch (500)" in result.note
+
+
 def test_dataset_size_is_said() -> None:
     fake = FakeDevice(affine(100, 0.5))
     result = probe(fake, workload=fake_workload(fake, dataset_size=300))

@@ -223,3 +223,25 @@ def test_unresolved_noise_is_reported_not_clipped():
 def test_bad_arguments_are_usage_errors(options, fragment):
     with pytest.raises(UsageError, match=fragment):
         _probe(**options)
+
+
+def test_stop_when_ends_sampling_early_and_says_so():
+    seen = []
+
+    def after_twelve(estimate):
+        seen.append(estimate.samples)
+        return estimate.samples >= 12
+
+    after_twelve.reason = "twelve is plenty"
+    result = _probe(steps=40, stop_when=after_twelve)
+    assert result.samples == 12 and seen == list(range(2, 13))
+    assert any("stopped after 12 of at most 40 samples: twelve is plenty" in n for n in result.notes)
+    # The estimate is the one of the samples taken: the same seed without the rule, stopped at
+    # 12 by `steps`, gives the same numbers.
+    plain = _probe(steps=12)
+    assert result.b_simple == pytest.approx(plain.b_simple) and result.ci_low == pytest.approx(plain.ci_low)
+
+
+def test_stop_when_that_never_fires_takes_every_sample():
+    result = _probe(steps=20, method="per_example", stop_when=lambda estimate: False)
+    assert result.samples == 20 and not any("stopped after" in n for n in result.notes)

@@ -1,0 +1,114 @@
+"""How tune spends its noise probe (`tune_noise`), on hand-made step times and estimates: the
+training before measuring does not follow the budget once the budget affords it, the sample
+ceiling does, and sampling stops once the decision is the same across the interval."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from batchscope import tune_noise
+from batchscope.analysis.goodput import plan_batch_size
+from batchscope.analysis.noise_stats import NoiseScaleEstimate
+from batchscope.analysis.throughput_model import fit_throughput_model
+from batchscope.tune_noise import NoisePlan, SettledDecision, plan_noise_probe, standard_train_steps
+from batchscope.workload import Workload
+
+
+def _workload(reference: int = 128, dataset_size: int | None = 50_000) -> Workload:
+    def make_batch(batch_size, device, generator):
+        return torch.zeros(batch_size, 2), torch.zeros(batch_size, dtype=torch.long)
+
+    return Workload(
+        name="fake", build_model=lambda device: nn.Linear(2, 2),
+        build_optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        loss=lambda model, batch: model(batch[0]).sum(), make_batch=make_batch,
+        reference_batch_size=reference, reference_lr=0.1, dataset_size=dataset_size)
+
+
+def ten_ms(batch_size: int) -> float:
+    return 0.01  # launch-bound: every batch takes 10 ms
+
+
+def test_standard_training_is_half_an_epoch_or_a_fixed_count():
+    assert standard_train_steps(_workload()) == 195  # 0.5 * 50000 / 128 = 195.3
+    assert standard_train_steps(_workload(dataset_size=None)) == tune_noise.NOISE_TRAIN_STEPS_WITHOUT_DATASET
+    assert standard_train_steps(_workload(reference=128, dataset_size=100)) == 1
+
+
+def test_a_budget_that_affords_the_half_epoch_does_not_change_the_training():
+    # Fixed 3 s; a sample is 4 micro-steps * 1.5 = 60 ms.
+    roomy = plan_noise_probe(_workload(), ten_ms, remaining_s=100.0, limit=4096)
+    tight = plan_noise_probe(_workload(), ten_ms, remaining_s=10.0, limit=4096)
+    assert roomy == NoisePlan(train_steps=195, standard_train_steps=195, samples=200)
+    # 10 s: usable 7 s, 35% = 2.45 s affords 245 steps > 195; samples 0.6 * (7 - 1.95) / 0.06.
+    assert tight == NoisePlan(train_steps=195, standard_train_steps=195, samples=50)
+    assert not roomy.budget_limited and not tight.budget_limited
+
+
+def test_a_short_budget_trains_less_and_says_it_is_limited():
+    plan = plan_noise_probe(_workload(), ten_ms, remaining_s=5.0, limit=4096)
+    # usable 2 s: 0.7 s of training = 70 steps; the samples it leaves (13) are below the floor.
+    assert (plan.train_steps, plan.samples, plan.shortfall) == (70, tune_noise.MIN_NOISE_SAMPLES, None)
+    assert plan.budget_limited
+
+
+def test_a_spent_budget_still_buys_the_minimum_and_says_why():
+    plan = plan_noise_probe(_workload(), ten_ms, remaining_s=2.0, limit=4096)
+    assert (plan.train_steps, plan.samples) == (0, tune_noise.MIN_NOISE_SAMPLES)
+    assert "left 2s of the budget" in plan.shortfall and "raise --budget" in plan.shortfall
+
+
+def test_seconds_kept_for_later_stages_come_off_the_noise_probe():
+    kept = plan_noise_probe(_workload(), ten_ms, remaining_s=12.0, limit=4096, reserved_s=2.0)
+    assert kept == plan_noise_probe(_workload(), ten_ms, remaining_s=10.0, limit=4096)
+
+
+def test_a_reference_batch_that_does_not_fit_is_priced_as_accumulated_steps():
+    # limit 50: a reference step is ceil(128 / 50) = 3 steps of 10 ms; usable 47 s, 35% -> 548.
+    plan = plan_noise_probe(_workload(), ten_ms, remaining_s=50.0, limit=50)
+    assert plan.train_steps == 195
+    short = plan_noise_probe(_workload(), ten_ms, remaining_s=5.0, limit=50)
+    assert short.train_steps == int(0.35 * 2.0 / 0.03)
+
+
+def test_no_step_time_gives_the_minimum_without_training():
+    plan = plan_noise_probe(_workload(), lambda b: math.inf, remaining_s=100.0, limit=4096)
+    assert (plan.train_steps, plan.samples) == (0, tune_noise.MIN_NOISE_SAMPLES)
+
+
+def _estimate(b, low, high, samples=40, status="ok"):
+    return NoiseScaleEstimate(b_simple=b, ci_low=low, ci_high=high, grad_sq_norm=1.0,
+                              trace_sigma=b, samples=samples, status=status, detail="",
+                              confidence=0.9, blocks=20)
+
+
+@pytest.mark.parametrize("estimate, settled", [
+    (_estimate(260, 200, 340), True),                 # 512 throughout
+    (_estimate(260, 200, 600), False),                # the upper end picks 1024
+    (_estimate(260, 200, math.inf), False),           # unbounded above
+    (_estimate(260, 200, 340, samples=15), False),    # too few samples to trust
+    (_estimate(260, 200, 340, status="unstable"), False),
+    (_estimate(700, 600, 900), True),                 # 1024 throughout
+])
+def test_sampling_is_settled_when_the_decision_is_the_same_across_the_interval(estimate, settled):
+    decide = lambda noise: 512 if noise < 480 else 1024  # noqa: E731
+    assert SettledDecision(decide)(estimate) is settled
+
+
+def test_the_planned_batch_never_falls_as_the_noise_scale_grows():
+    # Why three points settle the whole interval: over random saturating throughput curves, the
+    # goodput optimum is non-decreasing in B_noise.
+    rng = np.random.default_rng(0)
+    sizes = 2 ** np.arange(3, 15)
+    for _ in range(30):
+        fixed, per_sample = rng.uniform(1e-3, 5e-2), rng.uniform(1e-6, 1e-4)
+        model = fit_throughput_model(sizes, fixed + per_sample * sizes * rng.uniform(0.9, 1.1, sizes.size))
+        picks = [plan_batch_size(sizes, model, noise, max_fit_batch_size=int(sizes[-1]),
+                                 reference_batch_size=128).batch_size
+                 for noise in np.geomspace(10, 50_000, 40)]
+        assert all(a <= b for a, b in zip(picks, picks[1:])), picks
