@@ -52,12 +52,15 @@ class Evidence:
     noise_status: str = "missing"
     noise_interval: tuple[float | None, float | None] = (None, None)
     noise_measured_at_step: int = 0
-    # The steps tune trains before measuring when the budget allows (None: no such rule).
+    # The steps tune trains before measuring when the budget allows, set only when the budget
+    # cut them short (None otherwise).
     noise_standard_train_steps: int | None = None
     knee_batch_size: int | None = None
     input_pipeline: Mapping[str, Any] | None = None
     has_batchnorm: bool = False
     memory_budget_note: str | None = None
+    # The bound that stopped the memory search short of the memory edge, if one did.
+    memory_capped_by: str | None = None
 
 
 def recommend(
@@ -121,10 +124,13 @@ def recommend(
 
 def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batch: int,
                base_lr: float, target: str) -> list[str]:
-    lines = [
-        f"Largest batch per step within memory (verified fit minus the margin): {evidence.memory_limit}"
-        + (f" ({evidence.memory_budget_note})" if evidence.memory_budget_note else "") + "."
-    ]
+    budget = f" ({evidence.memory_budget_note})" if evidence.memory_budget_note else ""
+    if evidence.memory_capped_by:
+        lines = [f"Largest batch per step: {evidence.memory_limit}, where the memory search "
+                 f"stopped at the {evidence.memory_capped_by}{budget}; larger batches may fit."]
+    else:
+        lines = [f"Largest batch per step within memory (verified fit minus the margin): "
+                 f"{evidence.memory_limit}{budget}."]
     if evidence.knee_batch_size:
         lines.append(f"Throughput stops growing (95% of best) at batch {evidence.knee_batch_size}.")
     if evidence.noise_scale is not None and evidence.noise_status == "ok":
@@ -189,8 +195,8 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
     if evidence.noise_status == "ok" and standard and evidence.noise_measured_at_step < standard:
         caveats.append(
             f"The budget paid for {evidence.noise_measured_at_step} of the {standard} training "
-            f"steps (half an epoch) tune runs before measuring the noise scale; with a larger "
-            f"--budget the measurement, and possibly the recommendation, would differ."
+            f"steps tune runs before measuring the noise scale; with a larger --budget the "
+            f"measurement, and possibly the recommendation, would differ."
         )
     pipeline = evidence.input_pipeline or {}
     if pipeline.get("bottleneck"):

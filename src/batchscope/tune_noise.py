@@ -7,11 +7,10 @@ Two rules keep the recommendation from drifting with `--budget`:
   epoch at the reference batch), not a share of the budget. B_noise moves fastest early: on
   ResNet-18/CIFAR-10 (H200, bf16) it was 853 at initialisation, 261 after 0.36 epoch and 183
   after one epoch. A budget too small for the half epoch trains less, and the recommendation
-  says so.
+  says so. (Without a dataset size: NOISE_TRAIN_STEPS_WITHOUT_DATASET steps.)
 - The sample count is a ceiling, not a target: sampling stops once the plan picks the same batch
-  at both ends of the noise scale's interval and at its estimate (`SettledDecision`). More samples
-  would narrow the interval but not change the answer; a budget only buys them while the answer
-  is still open.
+  at both ends of the noise scale's interval (`SettledDecision`). More samples would narrow the
+  interval but not change the answer; a budget only buys them while the answer is still open.
 """
 
 from __future__ import annotations
@@ -51,17 +50,21 @@ class NoisePlan:
         standard_train_steps: what the budget-independent rule asks for (half an epoch); more
             than `train_steps` when the budget could not afford it.
         samples: the most samples the probe may take (it stops earlier once settled).
-        shortfall: why the budget could not buy even MIN_NOISE_SAMPLES (None when it could).
+        shortfall: why the plan could not buy even MIN_NOISE_SAMPLES (None when it could).
+        priced: False when the throughput model gave no step time to plan with (then nothing
+            is trained first, and the budget is not to blame).
     """
 
     train_steps: int
     standard_train_steps: int
     samples: int
     shortfall: str | None = None
+    priced: bool = True
 
     @property
     def budget_limited(self) -> bool:
-        return self.train_steps < self.standard_train_steps
+        """The budget, not a missing step time, cut the training short."""
+        return self.priced and self.train_steps < self.standard_train_steps
 
 
 def standard_train_steps(workload: Workload) -> int:
@@ -91,7 +94,9 @@ def plan_noise_probe(workload: Workload, step_seconds: Callable[[int], float], r
     micro = min(max(1, reference // NOISE_ACCUMULATION), limit)
     sample_s = float(step_seconds(micro)) * NOISE_ACCUMULATION * 1.5
     if not (math.isfinite(train_step_s) and math.isfinite(sample_s)) or sample_s <= 0:
-        return NoisePlan(0, standard, MIN_NOISE_SAMPLES, "the throughput model gave no step time")
+        return NoisePlan(0, standard, MIN_NOISE_SAMPLES,
+                         "the throughput model gave no step time to plan the noise probe with; it "
+                         f"takes {MIN_NOISE_SAMPLES} samples at initialisation", priced=False)
     usable_s = remaining_s - NOISE_FIXED_S - reserved_s
     affordable = max(0.0, NOISE_TRAIN_SHARE * usable_s) / max(train_step_s, 1e-12)
     train_steps = int(min(standard, affordable))
@@ -110,12 +115,16 @@ def plan_noise_probe(workload: Workload, step_seconds: Callable[[int], float], r
 class SettledDecision:
     """A `stop_when` for `estimate_noise_scale`: true once, after at least `min_samples`, the
     estimate is trusted, its interval bounded, and `decide` (noise scale -> the decision, e.g.
-    the planned batch) gives the same answer at the interval's ends and at the estimate.
+    the planned batch) gives the same answer at both ends of the interval.
 
-    The goodput optimum moves monotonically with the noise scale (a larger B_noise only favours
-    larger batches), so agreement at the three points means the answer is the same anywhere in
-    the interval. Stopping on what the data say makes the reported interval a little
-    optimistic; it is still the interval of the samples taken.
+    Why the ends suffice for the goodput plan: a candidate batch B with step time t(B) reaches
+    the target in time proportional to t(B) + B_noise * t(B)/B, a line in B_noise. The optimum
+    is the lowest line, and as B_noise grows it can only pass to a line with a smaller slope
+    (time per example) and a larger intercept (step time), that is, to a larger batch; the
+    "examples" target only adds larger candidates as B_noise grows. So the planned batch never
+    falls as B_noise grows, and the same batch at both ends means the same batch throughout.
+    Stopping on what the data say makes the reported interval a little optimistic; it is still
+    the interval of the samples taken.
     """
 
     def __init__(self, decide: Callable[[float], Any], min_samples: int = MIN_NOISE_SAMPLES,
@@ -127,8 +136,7 @@ class SettledDecision:
     def __call__(self, estimate: NoiseScaleEstimate) -> bool:
         if estimate.samples < self.min_samples or estimate.status != "ok":
             return False
-        points = (estimate.ci_low, estimate.b_simple, estimate.ci_high)
-        if any(p is None or not math.isfinite(p) or p <= 0 for p in points):
+        ends = (estimate.ci_low, estimate.ci_high)
+        if any(end is None or not math.isfinite(end) or end <= 0 for end in ends):
             return False
-        low, middle, high = (self.decide(float(p)) for p in points)
-        return low == middle == high
+        return self.decide(float(ends[0])) == self.decide(float(ends[1]))

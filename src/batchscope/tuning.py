@@ -219,11 +219,13 @@ def tune(
         noise_status=noise.status,
         noise_interval=(noise.ci_low, noise.ci_high),
         noise_measured_at_step=noise_plan.train_steps,
-        noise_standard_train_steps=noise_plan.standard_train_steps,
+        noise_standard_train_steps=(noise_plan.standard_train_steps if noise_plan.budget_limited
+                                    else None),
         knee_batch_size=throughput.knee_batch_size,
         input_pipeline=_as_dict(throughput.input_pipeline),
         has_batchnorm=has_batchnorm,
         memory_budget_note=f"budget {budget_bytes / 1024**3:.2f} GiB" if budget_bytes else None,
+        memory_capped_by=memory.capped_by,
     )
     steps_per_epoch = (resolved.dataset_size // plan.batch_size) if resolved.dataset_size else None
     recommendation = recommend(

@@ -90,3 +90,10 @@ def test_a_budget_that_cut_the_training_before_the_noise_probe_is_said():
                for c in cut.caveats)
     full = _recommend(Plan(1024, 1024, 1), noise_measured_at_step=195, noise_standard_train_steps=195)
     assert not any("The budget paid for" in c for c in full.caveats)
+
+
+def test_a_memory_limit_set_by_a_bound_is_not_called_the_memory_edge():
+    capped = _recommend(Plan(1024, 1024, 1), memory_capped_by="batch giving 10 steps an epoch")
+    assert capped.rationale[0] == ("Largest batch per step: 2048, where the memory search stopped "
+                                   "at the batch giving 10 steps an epoch; larger batches may fit.")
+    assert "verified fit minus the margin" in _recommend(Plan(1024, 1024, 1)).rationale[0]

@@ -5,13 +5,14 @@ ceiling does, and sampling stops once the decision is the same across the interv
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from batchscope import tune_noise
+from batchscope import tune_noise, tuning
 from batchscope.analysis.goodput import plan_batch_size
 from batchscope.analysis.noise_stats import NoiseScaleEstimate
 from batchscope.analysis.throughput_model import fit_throughput_model
@@ -76,9 +77,10 @@ def test_a_reference_batch_that_does_not_fit_is_priced_as_accumulated_steps():
     assert short.train_steps == int(0.35 * 2.0 / 0.03)
 
 
-def test_no_step_time_gives_the_minimum_without_training():
+def test_no_step_time_gives_the_minimum_without_training_and_does_not_blame_the_budget():
     plan = plan_noise_probe(_workload(), lambda b: math.inf, remaining_s=100.0, limit=4096)
     assert (plan.train_steps, plan.samples) == (0, tune_noise.MIN_NOISE_SAMPLES)
+    assert "no step time" in plan.shortfall and not plan.budget_limited
 
 
 def _estimate(b, low, high, samples=40, status="ok"):
@@ -90,6 +92,7 @@ def _estimate(b, low, high, samples=40, status="ok"):
 @pytest.mark.parametrize("estimate, settled", [
     (_estimate(260, 200, 340), True),                 # 512 throughout
     (_estimate(260, 200, 600), False),                # the upper end picks 1024
+    (_estimate(500, 300, 600), False),                # so does the estimate
     (_estimate(260, 200, math.inf), False),           # unbounded above
     (_estimate(260, 200, 340, samples=15), False),    # too few samples to trust
     (_estimate(260, 200, 340, status="unstable"), False),
@@ -100,15 +103,23 @@ def test_sampling_is_settled_when_the_decision_is_the_same_across_the_interval(e
     assert SettledDecision(decide)(estimate) is settled
 
 
-def test_the_planned_batch_never_falls_as_the_noise_scale_grows():
-    # Why three points settle the whole interval: over random saturating throughput curves, the
-    # goodput optimum is non-decreasing in B_noise.
+@pytest.mark.parametrize("target", ["time", "examples"])
+def test_the_planned_batch_never_falls_as_the_noise_scale_grows(target):
+    # Why an interval's two ends settle it: over random throughput curves, with tune's own
+    # candidates (accumulated beyond the memory limit; the "examples" target's filter), the
+    # planned batch is non-decreasing in B_noise.
     rng = np.random.default_rng(0)
-    sizes = 2 ** np.arange(3, 15)
-    for _ in range(30):
+    sizes = 2 ** np.arange(3, 13)
+    workload = SimpleNamespace(reference_batch_size=128, dataset_size=50_000)
+    throughput = SimpleNamespace(points=[SimpleNamespace(batch_size=int(b)) for b in sizes])
+    limit = 1000  # below the largest candidates, which are then accumulated
+    for _ in range(40):
         fixed, per_sample = rng.uniform(1e-3, 5e-2), rng.uniform(1e-6, 1e-4)
-        model = fit_throughput_model(sizes, fixed + per_sample * sizes * rng.uniform(0.9, 1.1, sizes.size))
-        picks = [plan_batch_size(sizes, model, noise, max_fit_batch_size=int(sizes[-1]),
-                                 reference_batch_size=128).batch_size
-                 for noise in np.geomspace(10, 50_000, 40)]
+        seconds = (fixed + per_sample * sizes) * rng.uniform(0.5, 1.5, sizes.size)
+        model = fit_throughput_model(sizes, seconds)
+        picks = []
+        for noise in np.geomspace(10, 50_000, 60):
+            candidates = tuning._candidates(workload, throughput, limit, target, noise, floor=32)
+            picks.append(plan_batch_size(candidates, model, noise, max_fit_batch_size=limit,
+                                         reference_batch_size=128).batch_size)
         assert all(a <= b for a, b in zip(picks, picks[1:])), picks

@@ -89,7 +89,9 @@ class MemoryProbeResult:
     Attributes:
         max_batch_size: the largest batch verified to fit.
         recommended_batch_size: `max_batch_size` minus `margin`, rounded down (a multiple of 8
-            from 64 up; never below 1, never above `max_batch_size`).
+            from 64 up; never below 1, never above `max_batch_size`); when an upper bound
+            (`capped_by`) stopped the search with more than `margin` of the budget still free
+            at the bound, the bound itself.
         smallest_failure: the smallest batch seen not to fit (None if none failed).
         fixed_bytes / bytes_per_sample: the affine fit of the measured peaks (None with fewer
             than two measured sizes).
@@ -328,6 +330,11 @@ def _result(
     model = fit_observations(search.observations)
     capped_by = cap_source if search.stop_reason == "capped" else None
     recommended = recommended_batch_size(largest, margin)
+    cap_peak = _peak_of(probes, largest) if capped_by is not None else None
+    if cap_peak is not None and cap_peak <= (1 - margin) * budget:
+        # The margin guards the memory edge; a bound unrelated to memory stopped the search
+        # before it, with at least the margin's share of the budget still free at the bound.
+        recommended = largest
     return MemoryProbeResult(
         max_batch_size=largest,
         recommended_batch_size=recommended,
@@ -344,6 +351,10 @@ def _result(
         stop_reason=str(search.stop_reason),
         note=_note(search, len(probes), budget, recommended, margin, capped_by),
     )
+
+
+def _peak_of(probes: list[MemoryProbe], batch_size: int) -> int | None:
+    return next((p.peak_bytes for p in probes if p.batch_size == batch_size and p.fits), None)
 
 
 def _note(
@@ -368,6 +379,10 @@ def _note(
                  else f"above {largest} (no failure seen)")
         parts.append(f"The probe limit ({search.max_probes}) was reached before the tolerance: "
                      f"the limit lies {above}.")
+    if recommended == largest and capped_by is not None:
+        parts.append(f"Recommended: {recommended}, the bound itself: its peak left more than "
+                     f"the {margin:.0%} margin of the budget free.")
+        return " ".join(parts)
     rounding = " rounded down to a multiple of 8" if recommended >= ROUNDING_THRESHOLD else ""
     parts.append(f"Recommended: {recommended} ({largest} minus the {margin:.0%} "
                  f"margin{rounding}).")

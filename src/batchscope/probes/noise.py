@@ -232,12 +232,13 @@ StopRule = Callable[[NoiseScaleEstimate], bool]
 
 
 def _stopper(stop_when: StopRule | None, confidence: float, steps: int,
-             notes: list[str]) -> Callable[[NoiseTracker], bool]:
-    """Whether the samples so far end the probe: `stop_when` on the estimate so far (never on
-    the last planned sample, which ends it anyway). Says so in `notes` when it does."""
+             notes: list[str]) -> Callable[[NoiseTracker, int], bool]:
+    """Whether the samples so far end the probe after pass `index` of `steps`: `stop_when` on
+    the estimate so far (never after the last pass, which ends it anyway, even when skipped
+    samples left fewer than `steps`). Says so in `notes` when it does."""
 
-    def done(tracker: NoiseTracker) -> bool:
-        if stop_when is None or tracker.samples < 2 or tracker.samples >= steps:
+    def done(tracker: NoiseTracker, index: int) -> bool:
+        if stop_when is None or tracker.samples < 2 or index >= steps - 1:
             return False
         estimate = tracker.estimate(confidence)
         if estimate is None or not stop_when(estimate):
@@ -264,7 +265,7 @@ def _measure_accumulation(
     optimizer: torch.optim.Optimizer | None,
     precondition: Precondition,
     notes: list[str],
-    done: Callable[[NoiseTracker], bool],
+    done: Callable[[NoiseTracker, int], bool],
 ) -> tuple[NoiseTracker, float | None]:
     monitor = GradientNoiseMonitor(
         model,
@@ -278,7 +279,7 @@ def _measure_accumulation(
     )
     units = examples = 0
     try:
-        for _ in range(steps):
+        for index in range(steps):
             for _retry in range(_MAX_OVERFLOW_RETRIES + 1):
                 model.zero_grad(set_to_none=True)
                 for _micro in range(accumulation):
@@ -290,7 +291,7 @@ def _measure_accumulation(
                     break
                 # fp16 gradients overflowed: retry the sample at half the loss scale.
                 scaler.update(new_scale=scaler.get_scale() / 2.0)
-            if done(monitor.tracker):
+            if done(monitor.tracker, index):
                 break
     finally:
         monitor.close()
@@ -308,7 +309,7 @@ def _measure_per_example(
     optimizer: torch.optim.Optimizer | None,
     precondition: Precondition,
     notes: list[str],
-    done: Callable[[NoiseTracker], bool],
+    done: Callable[[NoiseTracker, int], bool],
 ) -> tuple[NoiseTracker, float | None]:
     if batch_size < 2:
         raise UsageError(f"per-example batch micro_batch_size*accumulation={batch_size} must be >= 2")
@@ -338,7 +339,7 @@ def _measure_per_example(
     chunk = max(1, min(batch_size, _PER_EXAMPLE_FLOATS // max(1, n_params)))
     tracker = NoiseTracker(window=None)
     units = examples = 0
-    for _ in range(steps):
+    for index in range(steps):
         batch = workload.sample(batch_size, device, generator)
         units += workload.units_in(batch, batch_size)
         examples += batch_size
@@ -355,7 +356,7 @@ def _measure_per_example(
                 grad_sum[name] += g.sum(0)
         big_sq = sum(float((total / batch_size).square().sum()) for total in grad_sum.values())
         tracker.add(NoiseSample.from_norms(1, float(sq_norm_sum) / batch_size, batch_size, big_sq))
-        if done(tracker):
+        if done(tracker, index):
             break
     return tracker, _tokens_per_example(workload, units, examples)
 

@@ -239,6 +239,21 @@ def test_a_callers_bound_is_named_as_the_caller_says() -> None:
     assert "stopped at the batch giving 10 steps an epoch (500)" in result.note
 
 
+def test_a_bound_far_from_the_memory_edge_is_recommended_as_it_is() -> None:
+    # 500 samples peak at 350 MiB of 2 GiB: the margin would guard an edge nowhere near.
+    result = probe(FakeDevice(affine(100, 0.5)), max_batch_size=500)
+    assert result.recommended_batch_size == 500
+    assert "Recommended: 500, the bound itself" in result.note
+
+
+def test_a_bound_near_the_memory_edge_keeps_the_margin() -> None:
+    # 3800 samples peak at 2000 MiB, inside the last 10% of 2 GiB: 3800 * 0.9 = 3420 -> 3416.
+    result = probe(FakeDevice(affine(100, 0.5)), max_batch_size=3800)
+    assert result.capped_by == "user max_batch_size" and result.max_batch_size == 3800
+    assert result.recommended_batch_size == 3416
+    assert "3800 minus the 10% margin" in result.note
+
+
 def test_dataset_size_is_said() -> None:
     fake = FakeDevice(affine(100, 0.5))
     result = probe(fake, workload=fake_workload(fake, dataset_size=300))

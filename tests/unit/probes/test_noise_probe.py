@@ -16,6 +16,7 @@ from torch import nn
 
 from batchscope.errors import UsageError
 from batchscope.probes.noise import NoiseScaleResult, estimate_noise_scale
+from batchscope.tune_noise import MIN_NOISE_SAMPLES, SettledDecision
 
 sys.path.insert(0, str(Path(__file__).parent))  # the shared problems live beside this file
 from test_noise_problems import (  # noqa: E402
@@ -245,3 +246,14 @@ def test_stop_when_ends_sampling_early_and_says_so():
 def test_stop_when_that_never_fires_takes_every_sample():
     result = _probe(steps=20, method="per_example", stop_when=lambda estimate: False)
     assert result.samples == 20 and not any("stopped after" in n for n in result.notes)
+
+
+def test_a_settled_decision_stops_at_its_minimum_of_samples():
+    # A decision that does not depend on the noise scale is settled as soon as it is trusted.
+    result = _probe(steps=40, stop_when=SettledDecision(lambda noise: 1))
+    assert result.samples == MIN_NOISE_SAMPLES
+    assert any("stopped after 16 of at most 40 samples: the decision was the same" in n
+               for n in result.notes)
+    # One that flips inside any interval never stops early.
+    flipping = _probe(steps=24, stop_when=SettledDecision(lambda noise: noise > TRUTH["b_simple"]))
+    assert flipping.samples == 24
