@@ -31,6 +31,7 @@ def test_a_slow_data_loader_is_flagged_with_its_numbers():
     assert pipeline["pipeline_samples_per_s"] == pytest.approx(32 / (compute + loading))
     assert pipeline["data_s"] == pytest.approx(loading)
     assert pipeline["data_wait_fraction"] == pytest.approx(loading / (compute + loading))
+    assert pipeline["loader_share"] == pytest.approx(loading / (compute + loading))
     assert "caps throughput" in pipeline["note"] and "batch size 32" in pipeline["note"]
     assert "800.0 samples/s against 3200.0" in pipeline["note"]
 
@@ -144,3 +145,20 @@ def test_the_check_alone_needs_a_loader_and_a_batch_size():
                                                                       "workload has no data_loader")
     with pytest.raises(UsageError, match="batch_size=0"):
         check_data_path(workload, 0, device="cpu")
+
+
+def test_a_slower_data_path_that_the_loader_does_not_explain_is_not_a_bottleneck():
+    # The readings of a shared 2-core box: the data-path window ran 34% slower than the compute
+    # window, but the loader took 1.8 ms of a 104 ms step.
+    from batchscope.probes.input_pipeline import PipelineCheck, describe
+
+    noisy = PipelineCheck(batch_size=32, compute_samples_per_s=463.8, pipeline_samples_per_s=308.3,
+                          data_s=0.0018, steps=10, loader_share=0.0018 / (32 / 308.3))
+    assert noisy.slower and not noisy.bottleneck
+    assert describe([noisy]).startswith("the input pipeline keeps up")
+    assert "the gap is not loading" in describe([noisy])
+    # The H200's loader at 4096: 260 ms of a 300 ms step in next(): a bottleneck.
+    slow = PipelineCheck(batch_size=4096, compute_samples_per_s=70146.3,
+                         pipeline_samples_per_s=13634.5, data_s=0.26, steps=3,
+                         loader_share=0.26 / (4096 / 13634.5))
+    assert slow.bottleneck and describe([slow]).startswith("the input pipeline caps")
