@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by 
 import tune_vs_reference as tvr  # noqa: E402  (the shared stages and summary)
 from batchscope import device as devices  # noqa: E402
 from batchscope.cli.sweep_cmd import render
-from batchscope.record import environment_info, write_json_atomic
+from batchscope.record import environment_info
 from batchscope.recommend import Recommendation
 from batchscope.sweep.api import sweep
 from batchscope.sweep.grid import expand_lr_rules, parse_batch_sizes
