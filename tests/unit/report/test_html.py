@@ -79,3 +79,20 @@ def test_batch_size_axes_draw_without_mathtext(monkeypatch):
     assert "batch size" in svg_document(ours)
     labels = [label.get_text() for label in ax.get_xticklabels()]
     assert "16k" in labels and all(re.fullmatch(r"\d+k?", label) for label in labels), labels
+
+
+def _memory_legend(**memory):
+    from batchscope.report.tune_plots import memory_figure
+
+    probes = [{"batch_size": 8, "fits": True, "peak_bytes": 2**20},
+              {"batch_size": 500, "fits": True, "peak_bytes": 2**27}]
+    figure = memory_figure({"probes": probes, "budget_bytes": 2**31, **memory})
+    return [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+
+
+def test_the_memory_plot_names_a_bound_that_set_the_limit():
+    at_bound = _memory_legend(max_batch_size=500, recommended_batch_size=500,
+                              capped_by="batch giving 10 steps an epoch")
+    assert "limit (batch giving 10 steps an epoch)" in at_bound
+    with_margin = _memory_legend(max_batch_size=500, recommended_batch_size=448, capped_by=None)
+    assert "recommended (with margin)" in with_margin
