@@ -164,7 +164,7 @@ def tune(
     memory: MemoryProbeResult = stage("memory probe", lambda: probe_memory(
         resolved, device=where, memory_budget=budget_bytes, time_budget_s=MEMORY_SHARE * budget_s,
         max_batch_size=_largest_useful_batch(resolved),
-        max_batch_size_reason=f"batch giving {MIN_STEPS_PER_EPOCH} steps an epoch"))
+        max_batch_size_reason=_largest_useful_reason(resolved)))
     record.sections["memory"] = memory.to_dict()
     _save(record, out)
 
@@ -350,6 +350,13 @@ def _largest_useful_batch(workload: Workload) -> int | None:
     if not workload.dataset_size:
         return None
     return max(workload.reference_batch_size, workload.dataset_size // MIN_STEPS_PER_EPOCH)
+
+
+def _largest_useful_reason(workload: Workload) -> str:
+    if workload.dataset_size and workload.dataset_size // MIN_STEPS_PER_EPOCH < workload.reference_batch_size:
+        return (f"reference batch (the dataset gives it fewer than {MIN_STEPS_PER_EPOCH} steps an "
+                "epoch)")
+    return f"batch giving {MIN_STEPS_PER_EPOCH} steps an epoch"
 
 
 def _has_batchnorm(workload: Workload, where: torch.device) -> bool:

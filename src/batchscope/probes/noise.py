@@ -50,6 +50,8 @@ from batchscope.workload import Workload, resolve_workload
 
 Method = Literal["accumulation", "per_example"]
 METHODS = ("accumulation", "per_example")
+# Sees the estimate after each sample; True ends the probe early (see `stop_when`).
+StopRule = Callable[[NoiseScaleEstimate], bool]
 DEFAULT_STEPS = 32
 DEFAULT_ACCUMULATION = 4
 # fp16 overflow retries per sample before giving up (the loss scale halves each time).
@@ -164,8 +166,8 @@ def estimate_noise_scale(
         stop_when: consulted after each sample with the estimate so far (at `confidence`);
             returning True ends the probe before `steps` samples, e.g. once the decision the
             noise scale feeds no longer depends on where it lies in its interval
-            (`tune_noise.SettledDecision`, whose `reason` the note
-            quotes). `notes` say when it stopped.
+            (`tune_noise.SettledDecision`). `notes` say when it stopped, quoting the rule's
+            `reason` attribute if it has one.
     """
     workload = resolve_workload(workload)
     _check_arguments(steps, micro_batch_size, accumulation, method, train_steps, seed, precondition)
@@ -224,9 +226,6 @@ def estimate_noise_scale(
         raise ProbeFailedError(f"no finite noise sample in {steps} steps; every step overflowed")
     return _result(estimate, time.perf_counter() - started, method, small, big, workload, train_steps,
                    precondition, tracker.skipped, tokens_per_example, notes)
-
-
-StopRule = Callable[[NoiseScaleEstimate], bool]
 
 
 def _stopper(stop_when: StopRule | None, confidence: float, steps: int,
