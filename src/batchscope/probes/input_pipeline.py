@@ -8,8 +8,8 @@ around each timed window only. The data path caps training when it delivers less
 `BOTTLENECK_RATIO` of the compute throughput *and* the time spent waiting in the loader's
 `next()` explains the gap: the two windows run one after the other, so on a busy host a
 compute window and a data-path window can differ by more than 10% for reasons that have
-nothing to do with loading (on a shared 2-core box a loader taking 2% of each step once read
-as 13% slower), while time inside `next()` is measured directly.
+nothing to do with loading (on a shared 2-core box a loader taking 8% of the data path's time
+once read as 38% slower), while time inside `next()` is measured directly.
 """
 
 from __future__ import annotations
@@ -164,14 +164,13 @@ def describe(checks: Sequence[PipelineCheck]) -> str:
     numbers = (f"at batch size {worst.batch_size} the data path delivers "
                f"{worst.pipeline_samples_per_s:.1f} samples/s against "
                f"{worst.compute_samples_per_s:.1f} samples/s with batches already on the device "
-               f"({worst.data_wait_fraction:.0%} of each step waits for data; "
-               f"{worst.data_s * 1e3:.1f} ms per batch in the loader)")
+               f"({worst.data_wait_fraction:.0%} fewer; {worst.data_s * 1e3:.1f} ms per batch in "
+               f"the loader, {worst.loader_share:.0%} of the data path's time)")
     if worst.bottleneck:
         return (f"the input pipeline caps throughput: {numbers}; more loader workers, pinned "
                 f"memory, or caching decoded data would help")
     if worst.slower:
-        return (f"the input pipeline keeps up: {numbers}; only {worst.loader_share:.0%} of the "
-                f"data path's time was spent waiting for batches, so the gap is not loading: "
-                f"run-to-run noise on a busy host, or loader workers competing with the step "
-                f"for the CPU")
+        return (f"the input pipeline keeps up: {numbers}; waiting for batches explains too "
+                f"little of the gap, so it is not loading: run-to-run noise on a busy host, or "
+                f"loader workers competing with the step for the CPU")
     return f"the input pipeline keeps up: {numbers}"
