@@ -122,6 +122,12 @@ def recommend(
     )
 
 
+def _after_steps(steps: int) -> str:
+    if steps == 0:
+        return "at initialisation"
+    return f"after {steps} training step{'' if steps == 1 else 's'}"
+
+
 def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batch: int,
                base_lr: float, target: str) -> list[str]:
     budget = f" ({evidence.memory_budget_note})" if evidence.memory_budget_note else ""
@@ -186,7 +192,7 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
         )
     if evidence.noise_status == "ok" and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
         caveats.append(
-            f"The noise scale was measured after {evidence.noise_measured_at_step} training steps; it "
+            f"The noise scale was measured {_after_steps(evidence.noise_measured_at_step)}; it "
             f"usually grows as training proceeds, so larger batches pay off later: track it "
             f"during training with batchscope.GradientNoiseMonitor and grow the batch (with its "
             f"LR) once it has grown well past this one."

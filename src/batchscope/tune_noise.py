@@ -104,11 +104,15 @@ def plan_noise_probe(workload: Workload, step_seconds: Callable[[int], float], r
     samples = int(min(MAX_NOISE_SAMPLES, max(0.0, NOISE_SHARE * left_s) / sample_s))
     if samples >= MIN_NOISE_SAMPLES:
         return NoisePlan(train_steps, standard, samples)
+    # The minimum is taken anyway; say so when it costs more than the budget has left.
+    needed_s = NOISE_FIXED_S + train_steps * train_step_s + MIN_NOISE_SAMPLES * sample_s
+    over_s = needed_s - (remaining_s - reserved_s)
     shortfall = None
-    if remaining_s <= NOISE_FIXED_S:  # the earlier probes spent the budget, not the noise probe
+    if over_s > 1.0 or remaining_s <= NOISE_FIXED_S:
         shortfall = (f"the memory and throughput probes left {max(0.0, remaining_s):.0f}s of the "
-                     f"budget; the noise probe takes {MIN_NOISE_SAMPLES} samples anyway (its "
-                     f"interval is wide); raise --budget for a tighter one")
+                     f"budget; the noise probe takes {MIN_NOISE_SAMPLES} samples anyway (about "
+                     f"{needed_s:.0f}s, {max(0.0, over_s):.0f}s over the budget; its interval is "
+                     f"wide); raise --budget for a tighter one")
     return NoisePlan(train_steps, standard, MIN_NOISE_SAMPLES, shortfall)
 
 

@@ -97,3 +97,11 @@ def test_a_memory_limit_set_by_a_bound_is_not_called_the_memory_edge():
     assert capped.rationale[0] == ("Largest batch per step: 2048, where the memory search stopped "
                                    "at the batch giving 10 steps an epoch; larger batches may fit.")
     assert "verified fit minus the margin" in _recommend(Plan(1024, 1024, 1)).rationale[0]
+
+
+@pytest.mark.parametrize("steps, words", [(0, "measured at initialisation"),
+                                          (1, "measured after 1 training step;"),
+                                          (40, "measured after 40 training steps;")])
+def test_when_the_noise_scale_was_measured_is_said_in_words(steps, words):
+    rec = _recommend(Plan(1024, 1024, 1), noise_measured_at_step=steps)
+    assert any(words in c for c in rec.caveats)

@@ -54,8 +54,18 @@ def test_a_budget_that_affords_the_half_epoch_does_not_change_the_training():
 def test_a_short_budget_trains_less_and_says_it_is_limited():
     plan = plan_noise_probe(_workload(), ten_ms, remaining_s=5.0, limit=4096)
     # usable 2 s: 0.7 s of training = 70 steps; the samples it leaves (13) are below the floor.
+    # The floor's 16 samples (0.96 s) still fit the 5 s with the 3 s fixed and 0.7 s of training.
     assert (plan.train_steps, plan.samples, plan.shortfall) == (70, tune_noise.MIN_NOISE_SAMPLES, None)
     assert plan.budget_limited
+
+
+def test_a_minimum_that_overruns_the_budget_says_by_how_much():
+    # 1 s steps, as a ResNet-18 on two CPU cores: a sample costs 6 s, the minimum 96 s + 3 s.
+    plan = plan_noise_probe(_workload(), lambda b: 1.0, remaining_s=27.0, limit=4096)
+    assert (plan.train_steps, plan.samples) == (8, tune_noise.MIN_NOISE_SAMPLES)
+    # 3 s fixed + 8 steps of 1 s + 16 samples of 6 s = 107 s, 80 s over the 27 s left.
+    assert "left 27s of the budget" in plan.shortfall
+    assert "about 107s, 80s over the budget" in plan.shortfall
 
 
 def test_a_spent_budget_still_buys_the_minimum_and_says_why():
