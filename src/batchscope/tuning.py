@@ -64,10 +64,12 @@ MAX_ACCUMULATION = 16
 # would pick (on CIFAR-10 that is 5,000 of 50,000), so neither the memory probe nor the plan
 # goes beyond them: probing a dataset-sized batch cost 2.4 s of a 19 s tune on an H200.
 MIN_STEPS_PER_EPOCH = 10
-# Seconds per path (device-resident batches, then the user's loader) of the input-pipeline check:
-# half of what the budget has left, but at least enough for a few steps.
+# Seconds per timed window of the input-pipeline check (device-resident batches, the user's
+# loader, device-resident again): a third of what the budget has left, but at least enough for
+# a few steps.
 PIPELINE_MIN_S = 1.0
 PIPELINE_MAX_S = 10.0
+PIPELINE_WINDOWS = 3
 # "examples" target: batches whose examples-to-target stay within 10% of the minimum,
 # E/E_min = 1 + B/B_noise <= 1.1.
 EXAMPLES_SLACK = 0.10
@@ -186,7 +188,7 @@ def tune(
             reference_batch_size=resolved.reference_batch_size,
             max_accumulation=_max_accumulation(resolved.reference_batch_size, limit))
 
-    reserved_s = 2 * PIPELINE_MIN_S if resolved.data_loader is not None else 0.0
+    reserved_s = PIPELINE_WINDOWS * PIPELINE_MIN_S if resolved.data_loader is not None else 0.0
     noise_plan = plan_noise_probe(resolved, step_time.step_seconds,
                                   budget_s - (time.perf_counter() - started), limit, reserved_s)
     if noise_plan.shortfall:
@@ -225,7 +227,7 @@ def tune(
         input_pipeline=_as_dict(throughput.input_pipeline),
         has_batchnorm=has_batchnorm,
         memory_budget_note=f"budget {budget_bytes / 1024**3:.2f} GiB" if budget_bytes else None,
-        memory_capped_by=memory.capped_by,
+        memory_capped_by=memory.capped_by if memory.recommended_is_bound else None,
     )
     steps_per_epoch = (resolved.dataset_size // plan.batch_size) if resolved.dataset_size else None
     recommendation = recommend(
@@ -307,10 +309,10 @@ def _check_data_path(workload: Workload, where: torch.device, batch_size: int,
     the batch the user's loader will feed, and it is usually far smaller than the throughput
     knee, where a CPU loader can take seconds a batch. A check that fails (a broken loader, say)
     is recorded as an error; the recommendation stands without it."""
-    per_path_s = min(PIPELINE_MAX_S, max(PIPELINE_MIN_S, remaining_s / 2))
+    per_window_s = min(PIPELINE_MAX_S, max(PIPELINE_MIN_S, remaining_s / PIPELINE_WINDOWS))
     try:
         return check_data_path(workload, batch_size, device=where,
-                               max_seconds_per_path=per_path_s)
+                               max_seconds_per_window=per_window_s)
     except Exception as exc:  # noqa: BLE001 - a broken loader must not cost the recommendation
         record.errors.append(f"input pipeline check: {type(exc).__name__}: {exc}")
         return not_measured(f"the input pipeline check failed: {type(exc).__name__}: {exc}")
@@ -354,8 +356,7 @@ def _largest_useful_batch(workload: Workload) -> int | None:
 
 def _largest_useful_reason(workload: Workload) -> str:
     if workload.dataset_size and workload.dataset_size // MIN_STEPS_PER_EPOCH < workload.reference_batch_size:
-        return (f"reference batch (the dataset gives it fewer than {MIN_STEPS_PER_EPOCH} steps an "
-                "epoch)")
+        return "reference batch"  # the dataset is too small for MIN_STEPS_PER_EPOCH at it
     return f"batch giving {MIN_STEPS_PER_EPOCH} steps an epoch"
 
 

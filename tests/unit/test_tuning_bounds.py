@@ -13,7 +13,7 @@ from batchscope import tuning
 @pytest.mark.parametrize("dataset_size, reference, bound, reason", [
     (50_000, 128, 5_000, "batch giving 10 steps an epoch"),
     (640, 64, 64, "batch giving 10 steps an epoch"),
-    (500, 64, 64, "reference batch (the dataset gives it fewer than 10 steps an epoch)"),
+    (500, 64, 64, "reference batch"),
     (None, 64, None, "batch giving 10 steps an epoch"),
 ])
 def test_the_largest_useful_batch(dataset_size, reference, bound, reason):

@@ -43,7 +43,8 @@ def command(
     ),
     margin: float = typer.Option(
         DEFAULT_MARGIN, "--margin", help="Fraction taken off the largest fit for the "
-        "recommendation (0.1 = 10%)."
+        "recommendation (0.1 = 10%); not taken off a --max-batch-size or dataset bound whose peak "
+        "already leaves that share of the budget free."
     ),
     tolerance: float = typer.Option(
         DEFAULT_TOLERANCE, "--tolerance", help="Stop when the gap between the largest fit and "

@@ -62,7 +62,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MARGIN = 0.10
 """Taken off the largest verified batch for the recommendation: headroom for what a few probe
-steps do not see (allocator fragmentation over a long run, other processes, a periodic eval)."""
+steps do not see (allocator fragmentation over a long run, other processes, a periodic eval).
+Not taken off an upper bound whose measured peak already leaves this share of the budget free:
+the headroom is there in memory, where it matters."""
 
 MIN_PROBES_ON_A_BUDGET = 2
 """A time budget ends the search only from this probe on. The first probe, at the start size,
@@ -101,6 +103,8 @@ class MemoryProbeResult:
         capped_by: which upper bound stopped the search, if one did (larger batches may fit).
         stop_reason: "converged", "capped" or "probe limit".
         note: one paragraph saying all of the above in words.
+        recommended_is_bound: the recommendation is the bound in `capped_by` itself, taken
+            without the margin because its measured peak left the margin's share free.
     """
 
     max_batch_size: int
@@ -117,6 +121,7 @@ class MemoryProbeResult:
     capped_by: CappedBy | None
     stop_reason: str
     note: str
+    recommended_is_bound: bool = False
 
     def predicted_peak_bytes(self, batch_size: int) -> float | None:
         """The fitted curve at `batch_size` (None without a fit)."""
@@ -140,6 +145,7 @@ class MemoryProbeResult:
             "capped_by": self.capped_by,
             "stop_reason": self.stop_reason,
             "note": self.note,
+            "recommended_is_bound": self.recommended_is_bound,
         }
 
 
@@ -169,7 +175,8 @@ def probe_memory(
         memory_budget: bytes or a size such as "4GiB", "512MB", "1.5G" (see
             `batchscope.units.parse_size`).
             Required on CPU; on an accelerator it lowers the budget from the total memory.
-        margin: fraction taken off the largest fit for the recommendation, in [0, 1).
+        margin: fraction taken off the largest fit for the recommendation, in [0, 1) (not off
+            a bound whose peak leaves that share of the budget free; see DEFAULT_MARGIN).
         tolerance: stop when `smallest failure - largest fit <= max(1, tolerance * fit)`.
         max_batch_size: an upper bound of yours; the result says when it was reached.
         start_batch_size: the first size probed.
@@ -331,9 +338,10 @@ def _result(
     capped_by = cap_source if search.stop_reason == "capped" else None
     recommended = recommended_batch_size(largest, margin)
     cap_peak = _peak_of(probes, largest) if capped_by is not None else None
-    if cap_peak is not None and cap_peak <= (1 - margin) * budget:
-        # The margin guards the memory edge; a bound unrelated to memory stopped the search
-        # before it, with at least the margin's share of the budget still free at the bound.
+    # The margin guards the memory edge; a bound unrelated to memory stopped the search before
+    # it, with at least the margin's share of the budget still free at the bound.
+    at_bound = cap_peak is not None and cap_peak <= (1 - margin) * budget
+    if at_bound:
         recommended = largest
     return MemoryProbeResult(
         max_batch_size=largest,
@@ -349,7 +357,8 @@ def _result(
         tolerance=tolerance,
         capped_by=capped_by,
         stop_reason=str(search.stop_reason),
-        note=_note(search, len(probes), budget, recommended, margin, capped_by),
+        note=_note(search, len(probes), budget, recommended, margin, capped_by, at_bound),
+        recommended_is_bound=at_bound,
     )
 
 
@@ -359,7 +368,7 @@ def _peak_of(probes: list[MemoryProbe], batch_size: int) -> int | None:
 
 def _note(
     search: LimitSearch, probe_count: int, budget: int, recommended: int, margin: float,
-    capped_by: CappedBy | None,
+    capped_by: CappedBy | None, at_bound: bool,
 ) -> str:
     largest, failure = search.largest_fit, search.smallest_failure
     parts = [f"Batch {largest} was verified to fit in {format_bytes(budget)} "
@@ -379,7 +388,7 @@ def _note(
                  else f"above {largest} (no failure seen)")
         parts.append(f"The probe limit ({search.max_probes}) was reached before the tolerance: "
                      f"the limit lies {above}.")
-    if recommended == largest and capped_by is not None:
+    if at_bound:
         parts.append(f"Recommended: {recommended}, the bound itself: its peak left more than "
                      f"the {margin:.0%} margin of the budget free.")
         return " ".join(parts)

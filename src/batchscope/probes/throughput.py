@@ -178,17 +178,18 @@ def check_data_path(
     device: str | torch.device | None = None,
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
     timed_steps: int = DEFAULT_TIMED_STEPS,
-    max_seconds_per_path: float | None = DEFAULT_MAX_SECONDS_PER_POINT,
+    max_seconds_per_window: float | None = DEFAULT_MAX_SECONDS_PER_POINT,
     clock: Callable[[], float] = time.perf_counter,
 ) -> InputPipelineResult:
     """The input-pipeline check alone, at one batch size: the same training loop on
-    device-resident batches and on `workload.data_loader` (see `probes.input_pipeline`).
+    device-resident batches, on `workload.data_loader`, and on device-resident batches again
+    (see `probes.input_pipeline`), each window capped at `max_seconds_per_window`.
 
     `tune` runs it at the batch it recommends, the one the user will train at, rather than at
     the throughput knee, where a CPU loader can take seconds a batch."""
     batch_size = require_int("batch_size", batch_size)
     _check_steps(warmup_steps, timed_steps)
-    _check_seconds_cap("max_seconds_per_path", max_seconds_per_path)
+    _check_seconds_cap("max_seconds_per_window", max_seconds_per_window)
     workload = resolve_workload(workload)
     if workload.data_loader is None:
         return not_measured("the workload has no data_loader (its batches come from make_batch "
@@ -200,7 +201,7 @@ def check_data_path(
             return check_input_pipeline(
                 trainer.step, trainer.device_batches, workload.data_loader, device, [batch_size],
                 warmup_steps=warmup_steps, timed_steps=timed_steps,
-                max_seconds=max_seconds_per_path, after_oom=trainer.drop_gradients, clock=clock)
+                max_seconds=max_seconds_per_window, after_oom=trainer.drop_gradients, clock=clock)
         finally:
             trainer.close()
 

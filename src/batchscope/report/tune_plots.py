@@ -44,7 +44,7 @@ def memory_figure(memory: Mapping[str, Any] | None) -> Figure | None:
         ax.axhline(memory["budget_bytes"] / _GIB, color="#444", linewidth=1, label="budget")
     if memory.get("recommended_batch_size"):
         # A search stopped by a bound far from the memory edge recommends the bound itself.
-        at_bound = memory["recommended_batch_size"] == memory.get("max_batch_size") and memory.get("capped_by")
+        at_bound = memory.get("recommended_is_bound") and memory.get("capped_by")
         label = f"limit ({memory['capped_by']})" if at_bound else "recommended (with margin)"
         ax.axvline(memory["recommended_batch_size"], **_RECOMMEND_STYLE, label=label)
     ax.set_xlabel("batch size")

@@ -242,15 +242,22 @@ def test_a_callers_bound_is_named_as_the_caller_says() -> None:
 def test_a_bound_far_from_the_memory_edge_is_recommended_as_it_is() -> None:
     # 500 samples peak at 350 MiB of 2 GiB: the margin would guard an edge nowhere near.
     result = probe(FakeDevice(affine(100, 0.5)), max_batch_size=500)
-    assert result.recommended_batch_size == 500
+    assert result.recommended_batch_size == 500 and result.recommended_is_bound
     assert "Recommended: 500, the bound itself" in result.note
+
+
+def test_a_bound_of_one_near_the_edge_is_not_called_the_bound_itself() -> None:
+    # 1 minus any margin is still 1, but its peak (1900 MiB of 2 GiB) is inside the margin.
+    result = probe(FakeDevice(affine(1899.5, 0.5)), max_batch_size=1, start_batch_size=1)
+    assert result.recommended_batch_size == 1 and not result.recommended_is_bound
+    assert "the bound itself" not in result.note and "minus the 10% margin" in result.note
 
 
 def test_a_bound_near_the_memory_edge_keeps_the_margin() -> None:
     # 3800 samples peak at 2000 MiB, inside the last 10% of 2 GiB: 3800 * 0.9 = 3420 -> 3416.
     result = probe(FakeDevice(affine(100, 0.5)), max_batch_size=3800)
     assert result.capped_by == "user max_batch_size" and result.max_batch_size == 3800
-    assert result.recommended_batch_size == 3416
+    assert result.recommended_batch_size == 3416 and not result.recommended_is_bound
     assert "3800 minus the 10% margin" in result.note
 
 

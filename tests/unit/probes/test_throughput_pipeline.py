@@ -8,12 +8,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from batchscope.errors import UsageError
 from batchscope.probes.throughput import _pipeline_plan, check_data_path, measure_throughput
 
 sys.path.insert(0, str(Path(__file__).parent))  # the fakes live beside this file
-from throughput_fakes import SimulatedClock, TimedLoss, simulated, timed_loader, timed_workload  # noqa: E402
+from throughput_fakes import (  # noqa: E402
+    SimulatedClock,
+    TimedLoss,
+    simulated,
+    timed_loader,
+    timed_workload,
+    wait,
+)
 
 
 def test_a_slow_data_loader_is_flagged_with_its_numbers():
@@ -147,18 +155,48 @@ def test_the_check_alone_needs_a_loader_and_a_batch_size():
         check_data_path(workload, 0, device="cpu")
 
 
-def test_a_slower_data_path_that_the_loader_does_not_explain_is_not_a_bottleneck():
-    # The readings of a shared 2-core box: the data-path window ran 34% slower than the compute
-    # window, but the loader took 1.8 ms of a 104 ms step.
-    from batchscope.probes.input_pipeline import PipelineCheck, describe
+class DriftingLoss(TimedLoss):
+    """A step that gets 5% slower with every call, like a host growing busier during the check."""
 
-    noisy = PipelineCheck(batch_size=32, compute_samples_per_s=463.8, pipeline_samples_per_s=308.3,
-                          data_s=0.0018, steps=10, loader_share=0.0018 / (32 / 308.3))
-    assert noisy.slower and not noisy.bottleneck
-    assert describe([noisy]).startswith("the input pipeline keeps up")
-    assert "it is not loading" in describe([noisy]) and "2% of the data path's time" in describe([noisy])
-    # The H200's loader at 4096: 260 ms of a 300 ms step in next(): a bottleneck.
-    slow = PipelineCheck(batch_size=4096, compute_samples_per_s=70146.3,
-                         pipeline_samples_per_s=13634.5, data_s=0.26, steps=3,
-                         loader_share=0.26 / (4096 / 13634.5))
-    assert slow.bottleneck and describe([slow]).startswith("the input pipeline caps")
+    def __call__(self, model, batch):
+        self.a *= 1.05
+        return super().__call__(model, batch)
+
+
+class CopyCostLoss(TimedLoss):
+    """A step that is slower on the loader's batches (marked 7.0), as when their copies to the
+    device are queued on the stream: the cost is outside the loader's next()."""
+
+    def __call__(self, model, batch):
+        extra = 0.5 * self.a if float(batch[0][0, 0]) == 7.0 else 0.0
+        wait(extra, self.clock)
+        return super().__call__(model, batch)
+
+
+def marked_loader(batch_size, device):
+    for _ in range(4):
+        yield torch.full((batch_size, 4), 7.0), torch.zeros(batch_size, 1)
+
+
+def test_a_host_drifting_during_the_check_is_not_a_bottleneck():
+    # The data window is >10% slower than the compute window before it, but faster than the
+    # one after it: drift, not loading (one compute window alone would have flagged it).
+    clock = SimulatedClock()
+    workload = timed_workload(DriftingLoss(0.01, 0.0, clock), data_loader=timed_loader(0.0, clock))
+    result = check_data_path(workload, 32, device="cpu", warmup_steps=1, timed_steps=5, clock=clock)
+    (check,) = result.checks
+    assert not check.bottleneck and result.note.startswith("the input pipeline keeps up")
+    # Against the faster (earlier) compute window alone the data path is >10% slower.
+    faster_compute = check.compute_samples_per_s / (1 - check.compute_spread)
+    assert check.pipeline_samples_per_s < 0.9 * faster_compute
+    assert check.loader_share == 0.0
+
+
+def test_a_cost_outside_the_loaders_next_still_caps_throughput():
+    clock = SimulatedClock()
+    workload = timed_workload(CopyCostLoss(0.01, 0.0, clock), data_loader=marked_loader)
+    result = check_data_path(workload, 32, device="cpu", warmup_steps=1, timed_steps=5, clock=clock)
+    (check,) = result.checks
+    assert check.bottleneck and check.loader_share == 0.0 and check.compute_spread == 0.0
+    assert check.pipeline_samples_per_s == pytest.approx(32 / 0.015)
+    assert check.compute_samples_per_s == pytest.approx(32 / 0.01)

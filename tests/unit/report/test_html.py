@@ -91,7 +91,7 @@ def _memory_legend(**memory):
 
 
 def test_the_memory_plot_names_a_bound_that_set_the_limit():
-    at_bound = _memory_legend(max_batch_size=500, recommended_batch_size=500,
+    at_bound = _memory_legend(max_batch_size=500, recommended_batch_size=500, recommended_is_bound=True,
                               capped_by="batch giving 10 steps an epoch")
     assert "limit (batch giving 10 steps an epoch)" in at_bound
     with_margin = _memory_legend(max_batch_size=500, recommended_batch_size=448, capped_by=None)
