@@ -219,6 +219,7 @@ class InProcessRunner:
     def close(self) -> None:
         del self.model
         devices.release_memory(self.device)
+        devices.end_peak_windows(self.device)  # the rest of the process allocates at full speed
 
 
 def judge(
