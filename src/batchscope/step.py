@@ -54,11 +54,18 @@ def forward_backward(
     batch: Batch,
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
+    share: float = 1.0,
 ) -> torch.Tensor:
     """Forward and backward on one batch; gradients accumulate into `.grad`. Returns the
-    detached loss."""
+    detached loss.
+
+    `share`: this batch's part of a larger batch built by accumulation (its size over the
+    whole's). A mean loss is scaled by it, so that the accumulated gradients are the whole
+    batch's mean; a sum loss already adds up and is not."""
     with autocast(workload, device):
         loss = workload.loss(model, batch)
+        if share != 1.0 and workload.loss_reduction == "mean":
+            loss = loss * share
     if scaler is not None:
         scaler.scale(loss).backward()
     else:
@@ -113,12 +120,7 @@ def accumulated_train_step(
     for size in split_sizes(total, math.ceil(total / micro_batch_size)):
         part = slice_batch(batch, start, start + size)
         start += size
-        with autocast(workload, device):
-            loss = workload.loss(model, part)
-            if workload.loss_reduction == "mean":
-                loss = loss * (size / total)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += loss.detach().float()
+        loss_sum += forward_backward(workload, model, part, device, scaler, share=size / total).float()
     optimizer_step(optimizer, scaler)
     return loss_sum
 

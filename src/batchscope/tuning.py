@@ -34,7 +34,7 @@ from batchscope.errors import UsageError
 from batchscope.guard import StateGuard
 from batchscope.probes.memory import MemoryProbeResult, parse_size, probe_memory
 from batchscope.probes.noise import NoiseScaleResult, estimate_noise_scale
-from batchscope.probes.input_pipeline import InputPipelineResult, not_measured
+from batchscope.probes.input_pipeline import TIMED_WINDOWS, InputPipelineResult, not_measured
 from batchscope.probes.throughput import ThroughputResult, check_data_path, measure_throughput
 from batchscope.record import RunRecord, environment_info
 from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE, Evidence, Recommendation, recommend
@@ -53,7 +53,8 @@ MIN_BUDGET_S = 10.0
 # a default tune from swapping the machine and its largest probes short.
 CPU_DEFAULT_BUDGET_BYTES = 2 * 1024**3
 # Shares of the budget. Memory and throughput stop refining when their share is spent (each
-# finishes the probe in flight); the noise probe plans its sample count from what is left.
+# finishes the probe in flight); the noise probe plans its training and sample ceiling from
+# what is left.
 # Noise gets the largest share because its interval narrows only as 1/sqrt(samples), while
 # memory converges in a handful of probes and throughput stops once the curve flattens.
 # (How the noise probe spends its part: `tune_noise`.)
@@ -69,7 +70,6 @@ MIN_STEPS_PER_EPOCH = 10
 # a few steps.
 PIPELINE_MIN_S = 1.0
 PIPELINE_MAX_S = 10.0
-PIPELINE_WINDOWS = 3
 # "examples" target: batches whose examples-to-target stay within 10% of the minimum,
 # E/E_min = 1 + B/B_noise <= 1.1.
 EXAMPLES_SLACK = 0.10
@@ -188,7 +188,7 @@ def tune(
             reference_batch_size=resolved.reference_batch_size,
             max_accumulation=_max_accumulation(resolved.reference_batch_size, limit))
 
-    reserved_s = PIPELINE_WINDOWS * PIPELINE_MIN_S if resolved.data_loader is not None else 0.0
+    reserved_s = TIMED_WINDOWS * PIPELINE_MIN_S if resolved.data_loader is not None else 0.0
     noise_plan = plan_noise_probe(resolved, step_time.step_seconds,
                                   budget_s - (time.perf_counter() - started), limit, reserved_s)
     if noise_plan.shortfall:
@@ -309,7 +309,7 @@ def _check_data_path(workload: Workload, where: torch.device, batch_size: int,
     the batch the user's loader will feed, and it is usually far smaller than the throughput
     knee, where a CPU loader can take seconds a batch. A check that fails (a broken loader, say)
     is recorded as an error; the recommendation stands without it."""
-    per_window_s = min(PIPELINE_MAX_S, max(PIPELINE_MIN_S, remaining_s / PIPELINE_WINDOWS))
+    per_window_s = min(PIPELINE_MAX_S, max(PIPELINE_MIN_S, remaining_s / TIMED_WINDOWS))
     try:
         return check_data_path(workload, batch_size, device=where,
                                max_seconds_per_window=per_window_s)

@@ -28,6 +28,8 @@ from batchscope.probes.timing import Clock, cycling, restarting, time_steps
 
 # Below ~10% the difference is within what run-to-run noise and a busy host explain.
 BOTTLENECK_RATIO = 0.9
+# Timed windows per checked size: device-resident, the data path, device-resident again.
+TIMED_WINDOWS = 3
 
 DataLoaderFactory = Callable[[int, torch.device], Iterable[Any]]
 

@@ -79,7 +79,7 @@ ROUNDING_THRESHOLD = 64
 tensor cores and most kernels tile by; below it every example counts more than alignment."""
 
 # "user max_batch_size", "dataset size", or the name a caller gives its max_batch_size
-# (tune's cap is "fewest steps per epoch").
+# (tune's is "batch giving 10 steps an epoch").
 CappedBy = str
 USER_CAP = "user max_batch_size"
 

@@ -316,12 +316,9 @@ def _train(
     for _ in range(train_steps):
         for size in steps_module.split_sizes(reference, chunks):
             batch = workload.sample(size, device, generator)
-            with steps_module.autocast(workload, device):
-                # Each chunk's share of a reference-batch mean (or its sum, for sum losses).
-                loss = workload.loss(model, batch)
-                if workload.loss_reduction == "mean":
-                    loss = loss * (size / reference)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # Each chunk's share of a reference-batch mean (or its sum, for sum losses).
+            steps_module.forward_backward(workload, model, batch, device, scaler,
+                                          share=size / reference)
         steps_module.optimizer_step(optimizer, scaler)
     how = f" as {chunks} accumulated micro-batches" if chunks > 1 else ""
     notes.append(
