@@ -86,24 +86,29 @@ def scale_learning_rate(
     batch = positive_int("batch_size", batch_size)
     rule = rule_name(rule)
     noise = None if noise_scale is None else positive_number("noise_scale", noise_scale, allow_inf=True)
-    scale = batch / base
-    if rule == "linear":
-        factor = scale
-    elif rule == "sqrt":
-        factor = math.sqrt(scale)
-    elif rule == "none":
-        factor = 1.0
-    else:
-        if noise is None:
-            raise UsageError("rule='adascale' needs noise_scale=B_simple (measure it with the noise probe) "
-                             "or use rule='linear' / 'sqrt'")
-        factor = adascale_gain(batch, base, noise)
+    factor = lr_factor(rule, batch, base, noise)
     warmup = None if steps_per_epoch is None else warmup_steps(factor, steps_per_epoch, warmup_epochs)
     warnings = lr_warnings(rule, factor, batch, base, noise_scale=noise, family=family)
     if warmup is None and factor > NO_WARMUP_MAX_FACTOR:
         warnings.append(f"the LR grows {factor:.3g}x: use gradual warmup over ~{warmup_epochs:g} epochs "
                         "(pass steps_per_epoch to get it in steps)")
     return LrPlan(base_lr * factor, rule, factor, base_lr, base, batch, warmup, tuple(warnings))
+
+
+def lr_factor(rule: str, batch_size: int, base_batch_size: int, noise_scale: float | None = None) -> float:
+    """New LR / base LR under `rule` (module docstring); "adascale" needs the noise scale."""
+    rule = rule_name(rule)
+    scale = positive_int("batch_size", batch_size) / positive_int("base_batch_size", base_batch_size)
+    if rule == "linear":
+        return scale
+    if rule == "sqrt":
+        return math.sqrt(scale)
+    if rule == "none":
+        return 1.0
+    if noise_scale is None:
+        raise UsageError("rule='adascale' needs noise_scale=B_simple (measure it with the noise probe) "
+                         "or use rule='linear' / 'sqrt'")
+    return adascale_gain(batch_size, base_batch_size, noise_scale)
 
 
 def adascale_gain(batch_size: int, base_batch_size: int, noise_scale: float) -> float:

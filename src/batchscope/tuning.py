@@ -89,6 +89,8 @@ class TuneResult:
     optimizer_family: str = "sgd"
     target: str = "time"
     steps_per_epoch: int | None = None
+    # The step-time model fitted to the throughput probe (the plan's and the adaptive mode's).
+    step_time: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.record.to_dict()
@@ -245,7 +247,7 @@ def tune(
         write_tune_report(record, out)
     return TuneResult(recommendation, plan, memory, throughput, noise, record, out, seconds,
                       evidence=evidence, optimizer_family=family, target=target,
-                      steps_per_epoch=steps_per_epoch or None)
+                      steps_per_epoch=steps_per_epoch or None, step_time=step_time)
 
 
 # -- stages' details -----------------------------------------------------------------------------

@@ -168,8 +168,7 @@ class GradientNoiseMonitor:
         every = require_int("every", every)
         if loss_reduction not in ("mean", "sum"):
             raise UsageError(f"loss_reduction={loss_reduction!r} is not one of mean, sum")
-        if not (isinstance(loss_multiplier, (int, float)) and math.isfinite(loss_multiplier) and loss_multiplier != 0):
-            raise UsageError(f"loss_multiplier={loss_multiplier!r} must be a finite non-zero number")
+        _check_multiplier(loss_multiplier)
         check_precondition(precondition, optimizer)
         self.micro_batch_size = micro_batch_size
         self.every = every
@@ -177,13 +176,15 @@ class GradientNoiseMonitor:
         self.optimizer = optimizer
         self.precondition = precondition
         # Micro-batch gradient in per-mean-loss units = raw gradient / multiplier.
-        self._multiplier = float(loss_multiplier) * (micro_batch_size if loss_reduction == "sum" else 1.0)
+        self._sum_reduction = loss_reduction == "sum"
+        self._multiplier = float(loss_multiplier) * (micro_batch_size if self._sum_reduction else 1.0)
         self.tracker = NoiseTracker(window=window, ema_beta=ema_beta)
         self._params = [p for p in model.parameters() if p.requires_grad]
         if not self._params:
             raise UsageError("the model has no parameters with requires_grad=True; nothing to measure")
         self._step_index = 0
         self._measuring = True
+        self._postponed = False
         self._small_norms: list[torch.Tensor] = []
         self._hook_calls = [0] * len(self._params)
         self._denominators: dict[int, torch.Tensor] = {}
@@ -201,7 +202,8 @@ class GradientNoiseMonitor:
         """
         sample = self._finish_step() if self._measuring else None
         self._step_index += 1
-        self._measuring = self._step_index % self.every == 0
+        self._measuring = self._step_index % self.every == 0 or self._postponed
+        self._postponed = False
         self._small_norms.clear()
         self._hook_calls = [0] * len(self._params)
         self._denominators.clear()
@@ -223,6 +225,22 @@ class GradientNoiseMonitor:
     def measuring(self) -> bool:
         """Whether the current optimizer step is being measured."""
         return self._measuring
+
+    def set_micro_batches(self, micro_batch_size: int, loss_multiplier: float = 1.0) -> None:
+        """Change the micro-batch size and loss multiplier from the next backward pass on (for a
+        loop whose batch changes during training, `batchscope.adaptive`). Call it before the
+        step's first backward: a step must have equal micro-batches throughout."""
+        micro_batch_size = require_int("micro_batch_size", micro_batch_size)
+        _check_multiplier(loss_multiplier)
+        self.micro_batch_size = micro_batch_size
+        self._multiplier = float(loss_multiplier) * (micro_batch_size if self._sum_reduction else 1.0)
+
+    def postpone(self) -> None:
+        """Do not measure the current step; measure the next one instead (for a step whose
+        micro-batches are of unequal sizes). Call it before the step's first backward."""
+        if self._measuring:
+            self._measuring = False
+            self._postponed = True
 
     def close(self) -> None:
         """Remove the hooks; the model is then exactly as before the monitor was attached."""
@@ -312,6 +330,12 @@ class GradientNoiseMonitor:
 
 
 # -- helpers shared with the offline probe and the DDP estimator ------------------------------
+
+
+def _check_multiplier(loss_multiplier: float) -> None:
+    if not (isinstance(loss_multiplier, (int, float)) and not isinstance(loss_multiplier, bool)
+            and math.isfinite(loss_multiplier) and loss_multiplier != 0):
+        raise UsageError(f"loss_multiplier={loss_multiplier!r} must be a finite non-zero number")
 
 
 def check_precondition(precondition: Precondition, optimizer: torch.optim.Optimizer | None) -> None:

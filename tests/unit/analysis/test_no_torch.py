@@ -8,7 +8,7 @@ from pathlib import Path
 import batchscope
 
 PACKAGE = Path(batchscope.__file__).parent
-NUMPY_ONLY = sorted((PACKAGE / "analysis").glob("*.py")) + [PACKAGE / "scaling.py"]
+NUMPY_ONLY = sorted((PACKAGE / "analysis").glob("*.py")) + [PACKAGE / "scaling.py", PACKAGE / "adaptive" / "schedule.py"]
 ALLOWED_ROOTS = {"__future__", "batchscope", "dataclasses", "math", "numpy", "statistics", "typing"}
 
 

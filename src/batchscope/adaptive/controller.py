@@ -1,0 +1,287 @@
+"""`AdaptiveBatchSize`: grow the batch during training as the noise scale grows, LR coupled.
+
+`tune` measures the noise scale early (half an epoch in) and recommends the batch that is best
+then; the noise scale keeps growing as the loss falls, and with it the batch that reaches the
+target soonest. This helper sits in the user's own loop and does what tune did, continuously:
+
+- measures the noise scale from the loop's own gradients (`GradientNoiseMonitor`: one step in
+  `measure_every` is run as two or more equal micro-batches, which is the second batch size the
+  estimate needs);
+- every `decide_every` steps asks `BatchSizePolicy` whether a larger batch is now faster to the
+  target (growth only, at most 2x per change, only for a predicted gain of 5% or more);
+- splits each batch into micro-batches that fit in memory (gradient accumulation);
+- sets the LR of every step from the batch it actually trains on: the LR rule's factor over
+  the base (linear, square root, none, or AdaScale's gain at the latest noise scale), times the
+  schedule's multiplier by examples seen (`ExampleSchedule`), so the run still ends after the
+  planned epochs whatever the batch sizes were.
+
+The loop (see README, "Adaptive batch size")::
+
+    adaptive = AdaptiveBatchSize.from_tune(result, model, optimizer, epochs=30)
+    loader = DataLoader(train_set, batch_sampler=adaptive.batch_sampler(len(train_set)))
+    for epoch in range(30):
+        for batch in loader:
+            for micro, weight in adaptive.micro_batches(batch):
+                (weight * loss_fn(model, micro)).backward()
+            adaptive.step()                # before clipping and optimizer.step()
+            optimizer.step(); optimizer.zero_grad()
+    adaptive.close()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from batchscope import scaling
+from batchscope.adaptive.sampler import AdaptiveBatchSampler
+from batchscope.adaptive.schedule import ExampleSchedule
+from batchscope.analysis.adaptive_policy import BatchDecision, BatchSizePolicy
+from batchscope.checks import require_int
+from batchscope.errors import UsageError
+from batchscope.probes.noise_online import GradientNoiseMonitor
+
+if TYPE_CHECKING:
+    from batchscope.tuning import TuneResult
+
+STATE_VERSION = 1
+
+
+class AdaptiveBatchSize:
+    """The loop helper of the module docstring.
+
+    Args:
+        model / optimizer: what the loop trains; the optimizer's LR is set every `step()`
+            (param groups keep their LR ratios to the first group).
+        policy: when and where to move the batch (`BatchSizePolicy`).
+        batch_size: the global batch to start with (tune's recommendation).
+        base_batch_size / base_lr: the batch and LR the workload was tuned at; the LR rule
+            scales from them.
+        lr_rule: "linear" (SGD), "sqrt" (Adam family), "none", or "adascale" (needs a noise
+            scale: `noise_scale` until the monitor has its own).
+        schedule: the LR multiplier by examples seen; None keeps the rule's LR constant.
+        noise_scale: the noise scale known at the start (tune's), for "adascale" until measured.
+        measure_every: one optimizer step in this many is measured.
+        decide_every: steps between decisions; min_samples: measured steps before the first.
+        scaler: the loop's `torch.amp.GradScaler`, if any (its scale is divided out of norms).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        policy: BatchSizePolicy,
+        *,
+        batch_size: int,
+        base_batch_size: int,
+        base_lr: float,
+        lr_rule: str = "linear",
+        schedule: ExampleSchedule | None = None,
+        noise_scale: float | None = None,
+        measure_every: int = 10,
+        decide_every: int = 50,
+        min_samples: int = 8,
+        scaler: Any = None,
+        ema_beta: float = 0.9,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UsageError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer")
+        if not isinstance(policy, BatchSizePolicy):
+            raise UsageError(f"policy={type(policy).__name__} is not a BatchSizePolicy")
+        self.optimizer = optimizer
+        self.policy = policy
+        self.batch_size = require_int("batch_size", batch_size)
+        self.base_batch_size = require_int("base_batch_size", base_batch_size)
+        if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not base_lr > 0 \
+                or not math.isfinite(base_lr):
+            raise UsageError(f"base_lr={base_lr!r} must be a positive number (the LR at base_batch_size)")
+        self.base_lr = float(base_lr)
+        self.lr_rule = scaling.rule_name(lr_rule)
+        if self.lr_rule == "adascale" and noise_scale is None:
+            raise UsageError("lr_rule='adascale' needs noise_scale=<tune's B_simple> to start from; "
+                             "or use lr_rule='linear' / 'sqrt'")
+        self.schedule = schedule
+        self.decide_every = require_int("decide_every", decide_every)
+        self.min_samples = require_int("min_samples", min_samples, minimum=0)
+        self.monitor = GradientNoiseMonitor(model, self.batch_size, every=require_int("measure_every", measure_every),
+                                            scaler=scaler, ema_beta=ema_beta)
+        self._lr_noise = noise_scale  # the noise scale AdaScale's gain uses; updated at decisions
+        first_lr = optimizer.param_groups[0]["lr"]
+        self._group_ratios = [group["lr"] / first_lr if first_lr else 1.0 for group in optimizer.param_groups]
+        self.steps = 0
+        self.examples_seen = 0
+        self.changes: list[dict[str, Any]] = []
+        self.last_decision: BatchDecision | None = None
+        self._step_batch: int | None = None
+        self._sampler: AdaptiveBatchSampler | None = None
+
+    @classmethod
+    def from_tune(cls, result: "TuneResult", model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                  epochs: float, dataset_size: int | None = None, **options: Any) -> "AdaptiveBatchSize":
+        """Start from `tune`'s recommendation and measurements: its batch, LR rule, base, warmup
+        (as examples), memory limit, throughput model and candidates, and the workload's
+        schedule over `epochs` epochs of `dataset_size` (default: the workload's) examples."""
+        if result.step_time is None:
+            raise UsageError("this TuneResult has no throughput model; run batchscope.tune() again")
+        rec = result.recommendation
+        workload = result.record.workload
+        size = dataset_size if dataset_size is not None else workload.get("dataset_size")
+        if not size:
+            raise UsageError("the workload has no dataset_size; pass dataset_size=len(train_set)")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
+            raise UsageError(f"epochs={epochs!r} must be a positive number of epochs to train")
+        from batchscope.tuning import MAX_ACCUMULATION
+
+        policy = BatchSizePolicy(
+            result.step_time, [point.batch_size for point in result.plan.curve],
+            max_fit_batch_size=result.memory.recommended_batch_size,
+            reference_batch_size=rec.base_batch_size,
+            max_accumulation=max(MAX_ACCUMULATION, rec.grad_accumulation),
+            **{k: options.pop(k) for k in ("max_growth", "min_gain", "allow_shrink") if k in options})
+        schedule = ExampleSchedule(total_examples=int(epochs * require_int("dataset_size", size)),
+                                   warmup_examples=rec.warmup_steps * rec.batch_size,
+                                   kind=workload.get("schedule", "cosine"))
+        options.setdefault("noise_scale", result.plan.noise_scale)
+        return cls(model, optimizer, policy, batch_size=rec.batch_size,
+                   base_batch_size=rec.base_batch_size, base_lr=rec.base_learning_rate,
+                   lr_rule=rec.lr_rule, schedule=schedule, **options)
+
+    # -- the loop's calls ------------------------------------------------------------------------
+
+    def batch_sampler(self, dataset_size: int, *, shuffle: bool = True, seed: int = 0,
+                      drop_last: bool = False) -> AdaptiveBatchSampler:
+        """A `DataLoader(batch_sampler=...)` that draws batches of the current size."""
+        self._sampler = AdaptiveBatchSampler(dataset_size, lambda: self.batch_size, shuffle=shuffle,
+                                             seed=seed, drop_last=drop_last)
+        return self._sampler
+
+    def micro_batches(self, batch: Any) -> Iterator[tuple[Any, float]]:
+        """(micro-batch, weight) pairs to run backward on, `weight * mean loss` each, so the
+        accumulated gradient is the mean over the whole batch. `batch` is a tensor, or a tuple,
+        list or dict of tensors sharing their first dimension."""
+        size = _batch_length(batch)
+        self._step_batch = size
+        count = self._micro_batch_count(size)
+        if self.monitor.measuring:
+            self.monitor.set_micro_batches(size // count, loss_multiplier=1.0 / count)
+        bounds = [round(i * size / count) for i in range(count + 1)]
+        for start, end in zip(bounds, bounds[1:]):
+            yield _slice(batch, start, end), (end - start) / size
+
+    def step(self) -> BatchDecision | None:
+        """After the step's backward passes, before clipping and `optimizer.step()`: reads the
+        noise sample, sets this step's LR, and every `decide_every` steps may change the batch
+        size of the batches drawn next. Returns the decision on a deciding step, else None."""
+        if self._step_batch is None:
+            raise UsageError("step() came before micro_batches(batch): run the step's backward "
+                             "passes through adaptive.micro_batches(batch) first")
+        batch, self._step_batch = self._step_batch, None
+        self.monitor.step()
+        lr = self.learning_rate(batch)
+        for group, ratio in zip(self.optimizer.param_groups, self._group_ratios):
+            group["lr"] = lr * ratio
+        self.examples_seen += batch
+        self.steps += 1
+        if self.steps % self.decide_every or self.monitor.tracker.samples < self.min_samples:
+            return None
+        decision = self.policy.decide(self.batch_size, self.monitor.b_simple)
+        self.last_decision = decision
+        if decision.noise_scale is not None:
+            self._lr_noise = decision.noise_scale
+        if decision.changed:
+            self.changes.append({"step": self.steps, "examples_seen": self.examples_seen,
+                                 **decision.to_dict()})
+            self.batch_size = decision.batch_size
+        return decision
+
+    def learning_rate(self, batch_size: int, examples_before: int | None = None) -> float:
+        """The LR of a step of `batch_size` examples taken after `examples_before` (default: the
+        examples seen so far): base LR x the rule's factor x the schedule's multiplier."""
+        seen = self.examples_seen if examples_before is None else examples_before
+        factor = scaling.lr_factor(self.lr_rule, batch_size, self.base_batch_size, self._lr_noise)
+        multiplier = 1.0 if self.schedule is None else self.schedule.multiplier(seen, batch_size)
+        return self.base_lr * factor * multiplier
+
+    @property
+    def noise_scale(self) -> float | None:
+        """The monitor's smoothed B_simple (None until measured)."""
+        return self.monitor.b_simple
+
+    @property
+    def finished(self) -> bool:
+        """Whether the schedule's examples have all been seen."""
+        return self.schedule is not None and self.examples_seen >= self.schedule.total_examples
+
+    def close(self) -> None:
+        """Remove the monitor's hooks from the model."""
+        self.monitor.close()
+
+    def __enter__(self) -> "AdaptiveBatchSize":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue where this one is (the sampler's epoch included;
+        the noise estimate starts afresh after a resume)."""
+        return {"version": STATE_VERSION, "batch_size": self.batch_size, "steps": self.steps,
+                "examples_seen": self.examples_seen, "lr_noise": self._lr_noise,
+                "changes": [dict(change) for change in self.changes],
+                "sampler_epoch": None if self._sampler is None else self._sampler.epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise UsageError(f"not an AdaptiveBatchSize state (version {STATE_VERSION}); pass what "
+                             "state_dict() returned")
+        self.batch_size = require_int("batch_size", state["batch_size"])
+        self.steps = require_int("steps", state["steps"], minimum=0)
+        self.examples_seen = require_int("examples_seen", state["examples_seen"], minimum=0)
+        self._lr_noise = state["lr_noise"]
+        self.changes = [dict(change) for change in state["changes"]]
+        if self._sampler is not None and state.get("sampler_epoch") is not None:
+            self._sampler.set_epoch(state["sampler_epoch"])
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _micro_batch_count(self, size: int) -> int:
+        """The fewest micro-batches that fit; a measured step needs at least two equal ones (the
+        second batch size of the estimate), else its measurement moves to the next step."""
+        count = self.policy.split(size)[1]
+        if not self.monitor.measuring:
+            return count
+        for equal in range(max(2, count), min(size, 2 * max(2, count)) + 1):
+            if size % equal == 0:
+                return equal
+        self.monitor.postpone()
+        return count
+
+
+def _batch_length(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0:
+            raise UsageError("the batch is a 0-d tensor; pass tensors whose first dimension is the batch")
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping) and batch:
+        return _batch_length(next(iter(batch.values())))
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and batch:
+        return _batch_length(batch[0])
+    raise UsageError(f"cannot split a batch of type {type(batch).__name__}; pass a tensor or a "
+                     "tuple/list/dict of tensors")
+
+
+def _slice(batch: Any, start: int, end: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[start:end]
+    if isinstance(batch, Mapping):
+        return {key: _slice(value, start, end) for key, value in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_slice(value, start, end) for value in batch)
+    if isinstance(batch, list):
+        return [_slice(value, start, end) for value in batch]
+    return batch  # non-tensor extras (a string tag, say) go to every micro-batch

@@ -1,0 +1,201 @@
+"""AdaptiveBatchSize in a real loop on the linear problem with known gradients: the accumulated
+gradient is the whole batch's, measured steps read the right micro-batch norms, the LR of every
+step follows the rule and the schedule from the batch actually used, and the batch grows when the
+policy says so, at the sampler's next batch."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from batchscope.adaptive import AdaptiveBatchSize, BatchSizePolicy, ExampleSchedule
+from batchscope.analysis.throughput_model import fit_throughput_model
+from batchscope.errors import UsageError
+from batchscope.probes.noise_online import NoiseSample
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "probes"))
+from test_noise_problems import N_EXAMPLES, linear_data, linear_model  # noqa: E402
+
+CANDIDATES = [8, 16, 32, 64, 128]
+
+
+def step_time(overhead: float = 1.0, per_example: float = 1e-6):
+    sizes = [8, 16, 32, 64, 128]
+    return fit_throughput_model(sizes, [overhead + per_example * m for m in sizes])
+
+
+def make(model, *, batch_size=8, max_fit=128, lr_rule="linear", schedule=None, groups=None, **options):
+    optimizer = torch.optim.SGD(groups or model.parameters(), lr=0.01)
+    policy = BatchSizePolicy(step_time(), CANDIDATES, max_fit_batch_size=max_fit, reference_batch_size=16)
+    return AdaptiveBatchSize(model, optimizer, policy, batch_size=batch_size, base_batch_size=16,
+                             base_lr=0.01, lr_rule=lr_rule, schedule=schedule, **options), optimizer
+
+
+def loss(model, batch):
+    inputs, targets = batch
+    return (0.5 * (model(inputs).squeeze(-1) - targets) ** 2).mean()
+
+
+def flat_grad(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+
+
+def full_batch_grad(indices) -> torch.Tensor:
+    x, y = linear_data()
+    model = linear_model()
+    loss(model, (x[indices], y[indices])).backward()
+    return flat_grad(model)
+
+
+def run_step(adaptive, model, batch):
+    for micro, weight in adaptive.micro_batches(batch):
+        (weight * loss(model, micro)).backward()
+    return adaptive.step()
+
+
+@pytest.mark.parametrize("size, max_fit, measure_every", [(32, 8, 1), (30, 8, 10), (16, 64, 1), (16, 64, 10)])
+def test_the_accumulated_gradient_is_the_whole_batch_gradient(size, max_fit, measure_every):
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, _ = make(model, max_fit=max_fit, measure_every=measure_every)
+    indices = torch.arange(3, 3 + size)
+    run_step(adaptive, model, (x[indices], y[indices]))
+    assert torch.allclose(flat_grad(model), full_batch_grad(indices), rtol=1e-5, atol=1e-7)
+
+
+def test_a_measured_step_is_split_in_two_halves_and_reads_their_norms():
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, _ = make(model, max_fit=64, measure_every=1)
+    indices = torch.arange(10, 26)
+    run_step(adaptive, model, (x[indices], y[indices]))
+    halves = [full_batch_grad(indices[:8]), full_batch_grad(indices[8:])]
+    mean = (halves[0] + halves[1]) / 2
+    expected = NoiseSample.from_norms(8, float(np.mean([float(h @ h) for h in halves])), 16, float(mean @ mean))
+    tracker = adaptive.monitor.tracker
+    assert tracker.samples == 1
+    assert tracker.g2_samples[-1] == pytest.approx(expected.grad_sq_norm, rel=1e-4)
+    assert tracker.trace_samples[-1] == pytest.approx(expected.trace_sigma, rel=1e-4)
+
+
+def test_a_batch_that_cannot_be_split_evenly_moves_the_measurement_to_the_next_step():
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, optimizer = make(model, measure_every=10)
+    run_step(adaptive, model, (x[:7], y[:7]))  # 7 is prime: no two equal micro-batches
+    assert adaptive.monitor.tracker.samples == 0
+    optimizer.zero_grad()
+    run_step(adaptive, model, (x[:8], y[:8]))  # step 1 of 10, measured in its place
+    assert adaptive.monitor.tracker.samples == 1
+
+
+def test_every_steps_lr_is_base_times_rule_times_schedule_for_the_batch_it_trains_on():
+    x, y = linear_data()
+    model = linear_model()
+    groups = [{"params": [model.weight], "lr": 0.01}, {"params": [model.bias], "lr": 0.001}]
+    schedule = ExampleSchedule(total_examples=320, warmup_examples=40)
+    adaptive, optimizer = make(model, batch_size=32, schedule=schedule, groups=groups, lr_rule="sqrt")
+    seen = 0
+    for size in (32, 32, 24, 32):
+        run_step(adaptive, model, (x[:size], y[:size]))
+        if seen < 40:
+            multiplier = min(1.0, (seen + size) / 40)
+        else:
+            multiplier = 0.5 * (1 + math.cos(math.pi * (seen - 40) / 280))
+        expected = 0.01 * math.sqrt(size / 16) * multiplier
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(expected / 10)
+        optimizer.step()
+        optimizer.zero_grad()
+        seen += size
+    assert adaptive.examples_seen == seen and adaptive.steps == 4
+
+
+def test_the_batch_doubles_at_each_decision_and_the_sampler_serves_the_new_size_next():
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, optimizer = make(model, batch_size=8, measure_every=1, decide_every=4, min_samples=2)
+    loader = DataLoader(TensorDataset(x, y), batch_sampler=adaptive.batch_sampler(N_EXAMPLES, seed=0))
+    sizes, decisions = [], []
+    for epoch in range(5):
+        for batch in loader:
+            sizes.append(len(batch[0]))
+            decision = run_step(adaptive, model, batch)
+            if decision is not None:
+                decisions.append(decision)
+            optimizer.step()
+            optimizer.zero_grad()
+    # Step time is all overhead, so the optimum is the largest candidate: 8 -> 16 -> ... -> 128.
+    assert [c["batch_size"] for c in adaptive.changes] == [16, 32, 64, 128]
+    assert [c["step"] for c in adaptive.changes] == [4, 8, 12, 16]
+    assert sizes[:4] == [8] * 4 and sizes[4:8] == [16] * 4 and sizes[8:10] == [32, 32]
+    assert all(c["noise_scale"] > 0 and c["predicted_gain"] >= 0.05 for c in adaptive.changes)
+    assert adaptive.examples_seen == sum(sizes) == 5 * N_EXAMPLES
+    assert decisions[-1].batch_size == 128 and not decisions[-1].changed
+
+
+def test_state_dict_resumes_the_batch_the_examples_and_the_sampler_epoch():
+    x, y = linear_data()
+    model = linear_model()
+    schedule = ExampleSchedule(total_examples=1000)
+    adaptive, optimizer = make(model, schedule=schedule, measure_every=1, decide_every=2, min_samples=1)
+    sampler = adaptive.batch_sampler(N_EXAMPLES)
+    for indices in sampler:
+        run_step(adaptive, model, (x[indices], y[indices]))
+        optimizer.zero_grad()
+    state = adaptive.state_dict()
+    resumed, _ = make(linear_model(), schedule=schedule)
+    resumed_sampler = resumed.batch_sampler(N_EXAMPLES)
+    resumed.load_state_dict(state)
+    assert (resumed.batch_size, resumed.steps, resumed.examples_seen) == (adaptive.batch_size, adaptive.steps, N_EXAMPLES)
+    assert resumed.changes == adaptive.changes and resumed_sampler.epoch == sampler.epoch == 1
+    assert resumed.learning_rate(32) == adaptive.learning_rate(32)
+    assert list(resumed_sampler)[0] == list(sampler)[0]
+
+
+def test_close_removes_the_hooks():
+    model = linear_model()
+    adaptive, _ = make(model)
+    assert model.weight._backward_hooks
+    with adaptive:
+        pass
+    assert not model.weight._backward_hooks and not model.bias._backward_hooks
+
+
+def test_loop_mistakes_and_bad_settings_are_one_line_usage_errors():
+    model = linear_model()
+    adaptive, _ = make(model)
+    with pytest.raises(UsageError, match="step\\(\\) came before micro_batches"):
+        adaptive.step()
+    with pytest.raises(UsageError, match="cannot split a batch of type str"):
+        next(adaptive.micro_batches("images"))
+    with pytest.raises(UsageError, match="lr_rule='adascale' needs noise_scale"):
+        make(linear_model(), lr_rule="adascale")
+    with pytest.raises(UsageError, match="base_lr=0"):
+        AdaptiveBatchSize(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          BatchSizePolicy(step_time(), CANDIDATES, max_fit_batch_size=8, reference_batch_size=16),
+                          batch_size=8, base_batch_size=16, base_lr=0)
+    with pytest.raises(UsageError, match="not an AdaptiveBatchSize state"):
+        adaptive.load_state_dict({"batch_size": 8})
+
+
+def test_adascale_follows_the_latest_measured_noise_scale():
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, optimizer = make(model, batch_size=64, lr_rule="adascale", noise_scale=1e9,
+                               measure_every=1, decide_every=3, min_samples=1)
+    run_step(adaptive, model, (x[:64], y[:64]))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 4, rel=1e-6)  # noise ~inf: linear
+    optimizer.zero_grad()
+    for _ in range(2):
+        run_step(adaptive, model, (x[:64], y[:64]))
+        optimizer.zero_grad()
+    noise = adaptive.last_decision.noise_scale
+    run_step(adaptive, model, (x[:64], y[:64]))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (noise / 16 + 1) / (noise / 64 + 1))
