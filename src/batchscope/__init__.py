@@ -2,11 +2,13 @@
 
 The pipeline: `probe_memory` (largest batch that fits) -> `measure_throughput` (samples/s per
 batch, knee) -> `estimate_noise_scale` (gradient noise scale) -> goodput plan -> `tune`'s
-recommendation; `sweep` runs real training trials over batch sizes (Optuna or Ray Tune).
+recommendation; `sweep` runs real training trials over batch sizes (Optuna or Ray Tune);
+`AdaptiveBatchSize` grows the batch during training as the noise scale grows.
 """
 
 __version__ = "0.1.0"
 
+from batchscope.adaptive import AdaptiveBatchSize  # noqa: E402
 from batchscope.errors import BatchscopeError, ProbeFailedError, UsageError  # noqa: E402
 from batchscope.guard import StateGuard, preserve_user_state  # noqa: E402
 from batchscope.oom import is_oom, run_catching_oom  # noqa: E402
@@ -25,6 +27,7 @@ from batchscope.sweep.api import SweepResult  # noqa: E402
 from batchscope.sweep.api import sweep  # noqa: E402
 
 __all__ = [
+    "AdaptiveBatchSize",
     "BatchscopeError",
     "GradientNoiseMonitor",
     "MemoryProbeResult",

@@ -193,9 +193,9 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
     if evidence.noise_status == "ok" and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
         caveats.append(
             f"The noise scale was measured {_after_steps(evidence.noise_measured_at_step)}; it "
-            f"usually grows as training proceeds, so larger batches pay off later: track it "
-            f"during training with batchscope.GradientNoiseMonitor and grow the batch (with its "
-            f"LR) once it has grown well past this one."
+            f"usually grows as training proceeds, so larger batches pay off later: the adaptive "
+            f"mode grows the batch and its LR as it does "
+            f"(batchscope.AdaptiveBatchSize.from_tune(result, model, optimizer, epochs=...))."
         )
     standard = evidence.noise_standard_train_steps
     if evidence.noise_status == "ok" and standard and evidence.noise_measured_at_step < standard:

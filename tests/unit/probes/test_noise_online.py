@@ -36,7 +36,7 @@ def _loss(model, batch, reduction="mean"):
     return squared.sum() if reduction == "sum" else squared.mean()
 
 
-def _hand_computed_sample(model, batches) -> NoiseSample:
+def _hand_computed_sample(model, batches, micro: int = MICRO) -> NoiseSample:
     """Micro-batch gradients one by one (fresh .grad each time), then their mean."""
     flat = []
     for batch in batches:
@@ -46,7 +46,7 @@ def _hand_computed_sample(model, batches) -> NoiseSample:
     model.zero_grad(set_to_none=True)
     small = float(np.mean([float(g @ g) for g in flat]))
     mean = torch.stack(flat).mean(0)
-    return NoiseSample.from_norms(MICRO, small, MICRO * len(batches), float(mean @ mean))
+    return NoiseSample.from_norms(micro, small, micro * len(batches), float(mean @ mean))
 
 
 def _run_step(monitor, model, batches, loss_scale=1.0, reduction="mean", scaler=None):
@@ -196,3 +196,20 @@ def test_tracker_window_keeps_only_recent_samples():
 def test_bad_arguments_are_usage_errors(kwargs, fragment):
     with pytest.raises(UsageError, match=fragment.replace("(", r"\(")):
         GradientNoiseMonitor(linear_model(), **kwargs)
+
+
+def test_set_micro_batches_changes_the_sizes_a_step_is_read_with():
+    model = linear_model()
+    batches = _micro_batches(seed=9, count=4, size=8)
+    expected = _hand_computed_sample(model, batches, micro=8)
+    with GradientNoiseMonitor(model, MICRO, every=1) as monitor:
+        monitor.set_micro_batches(8, loss_multiplier=0.25)
+        sample = _run_step(monitor, model, batches, loss_scale=0.25)
+    assert (sample.b_small, sample.b_big) == (8, 32)
+    assert sample.grad_sq_norm == pytest.approx(expected.grad_sq_norm, rel=1e-4)
+    assert sample.trace_sigma == pytest.approx(expected.trace_sigma, rel=1e-4)
+    with pytest.raises(UsageError, match="micro_batch_size=0"):
+        monitor.set_micro_batches(0)
+    with pytest.raises(UsageError, match="loss_multiplier=True"):
+        monitor.set_micro_batches(4, loss_multiplier=True)
+

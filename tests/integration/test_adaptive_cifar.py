@@ -1,0 +1,77 @@
+"""The adaptive mode end to end on CPU: a real `tune` of the small CIFAR-10 workload, then two
+epochs of real training on the real images through `AdaptiveBatchSize.from_tune`, a DataLoader-
+style batch sampler, and the workload's own model, optimizer and loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import batchscope
+from batchscope.adaptive import AdaptiveBatchSize
+from batchscope.workload import resolve_workload
+from batchscope.workloads.augment import Normaliser, augmented_batch
+from batchscope.workloads.cifar_source import CifarSource
+
+EPOCHS = 2
+
+
+def test_adaptive_training_follows_tunes_plan_and_its_own_rules_on_real_cifar():
+    workload = resolve_workload("small-cnn-cifar10")
+    cpu = torch.device("cpu")
+    result = batchscope.tune(workload, device=cpu, budget_s=15, memory_budget="256MiB")
+    rec = result.recommendation
+
+    torch.manual_seed(0)
+    model = workload.build_model(cpu)
+    optimizer = workload.build_optimizer(model.parameters(), rec.learning_rate)
+    adaptive = AdaptiveBatchSize.from_tune(result, model, optimizer, epochs=EPOCHS,
+                                           measure_every=2, decide_every=10, min_samples=3)
+    source = CifarSource(Path(workload.settings["archive"]), workload.dataset_size, 1000)
+    images, labels = source.on("train", cpu)
+    normalise, generator = Normaliser(), torch.Generator().manual_seed(0)
+    total = EPOCHS * workload.dataset_size
+    warmup = rec.warmup_steps * rec.batch_size
+
+    sizes, losses, seen = [], [], 0
+    sampler = adaptive.batch_sampler(workload.dataset_size, seed=0)
+    for _ in range(EPOCHS):
+        for indices in sampler:
+            batch = augmented_batch(images, labels, torch.tensor(indices), generator, normalise)
+            step_loss = 0.0
+            for micro, weight in adaptive.micro_batches(batch):
+                loss = weight * workload.loss(model, micro)
+                loss.backward()
+                step_loss += float(loss.detach())
+            adaptive.step()
+            # The LR, computed here from the rule and a cosine over examples, not by the helper.
+            size = len(indices)
+            if seen < warmup:
+                multiplier = min(1.0, (seen + size) / warmup)
+            else:
+                multiplier = 0.5 * (1 + math.cos(math.pi * min(1.0, (seen - warmup) / (total - warmup))))
+            expected_lr = rec.base_learning_rate * size / rec.base_batch_size * multiplier
+            assert math.isclose(optimizer.param_groups[0]["lr"], expected_lr, rel_tol=1e-9)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sizes.append(size)
+            losses.append(step_loss)
+            seen += size
+    adaptive.close()
+    print('changes', adaptive.changes, 'noise', adaptive.noise_scale, 'rec', rec.batch_size, adaptive.last_decision, [(p.batch_size, p.samples_per_s) for p in result.throughput.points])
+
+    assert rec.lr_rule == "linear" and sizes[0] == rec.batch_size
+    assert adaptive.examples_seen == seen == total and adaptive.finished
+    # Growth only, at most 2x a change, each change one the policy still makes from its record.
+    full = [s for s in sizes if s >= rec.batch_size]
+    assert full == sorted(full)
+    for change in adaptive.changes:
+        assert change["previous"] < change["batch_size"] <= 2 * change["previous"]
+        assert change["predicted_gain"] >= 0.05
+        again = adaptive.policy.decide(change["previous"], change["noise_scale"])
+        assert again.batch_size == change["batch_size"]
+    assert adaptive.monitor.tracker.samples >= 3 and adaptive.noise_scale > 0
+    # It trained: the last steps' loss is well below the first steps'.
+    assert sum(losses[-20:]) / 20 < 0.9 * sum(losses[:20]) / 20
