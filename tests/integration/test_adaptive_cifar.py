@@ -60,7 +60,6 @@ def test_adaptive_training_follows_tunes_plan_and_its_own_rules_on_real_cifar():
             losses.append(step_loss)
             seen += size
     adaptive.close()
-    print('changes', adaptive.changes, 'noise', adaptive.noise_scale, 'rec', rec.batch_size, adaptive.last_decision, [(p.batch_size, p.samples_per_s) for p in result.throughput.points])
 
     assert rec.lr_rule == "linear" and sizes[0] == rec.batch_size
     assert adaptive.examples_seen == seen == total and adaptive.finished

@@ -77,7 +77,7 @@ def test_early_noise_ddp_and_pipeline_caveats():
     assert rec.per_device_batch_size == 256
     text = " ".join(rec.caveats)
     assert "measured after 40 training steps" in text
-    assert "batchscope.GradientNoiseMonitor" in text  # says how to track it
+    assert "batchscope.AdaptiveBatchSize.from_tune" in text  # says how to follow it
     assert "global across 4 devices" in text
     assert "Loader gives 10k/s vs 40k/s" in rec.caveats
     assert text.count("caps throughput") == 0  # the probe's note is used as it is, not repeated
