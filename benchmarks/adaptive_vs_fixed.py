@@ -1,8 +1,8 @@
 """Does growing the batch during training (`batchscope.adaptive`) reach the target sooner than
 training at tune's fixed recommendation?
 
-    PYTHONPATH=src python benchmarks/adaptive_vs_fixed.py --out runs/adaptive-vs-fixed.json  # CUDA
-    PYTHONPATH=src python benchmarks/adaptive_vs_fixed.py --cpu-smoke                         # harness
+    PYTHONPATH=src python benchmarks/adaptive_vs_fixed.py --out runs/adaptive.json   # CUDA
+    PYTHONPATH=src python benchmarks/adaptive_vs_fixed.py --cpu-smoke                # harness
 
 All in this one process, on one workload (default the seed workload, ResNet-18 / CIFAR-10):
 
@@ -22,15 +22,14 @@ runner), and each run's wall clock with evaluations and its untimed burn-in step
 
 Data of the adaptive run: the controller's batch sampler (`adaptive.batch_sampler`, unshuffled,
 last partial batch dropped) cuts each epoch into batches of the current size; its positions
-index the same per-epoch permutation, drawn from the same seeded generator that then draws the
-augmentation, as the workload's `epoch_batches` (which the fixed run uses). So until its first
-batch change the adaptive run trains on exactly the fixed run's batches, from the same initial
-weights; what differs is only what adapting costs or changes (the measured steps run as two or
-more micro-batches, so BatchNorm sees smaller batches there). The Workload contract has no
-"batch for these indices" hook, so for the built-in CIFAR-10 workloads the script rebuilds the
-device-resident uint8 split and its on-device augmentation from the workload's settings (archive,
-subset sizes); any other workload falls back to `make_batch(len(batch))`: random batches of the
-sampler's sizes, not an epoch permutation (the output says which).
+index the same per-epoch permutation, from the same seeded generator that then draws the
+augmentation, as the workload's `epoch_batches` (the fixed run's). So until its first change the
+adaptive run trains on exactly the fixed run's batches from the same initial weights; only its
+measured steps differ (two or more micro-batches: BatchNorm sees smaller batches there). The
+Workload contract has no "batch for these indices" hook, so for the built-in CIFAR-10 workloads
+the script rebuilds the device-resident split and its augmentation from the workload's settings
+(archive, subset sizes); any other workload gets `make_batch` of the sampler's sizes (random
+batches, no epoch permutation; the output says which).
 
 Target: the fixed run's final accuracy minus --tolerance (0.5 points). Printed side by side:
 final and best accuracy, training seconds, time to target, the adaptive run's batch changes
@@ -40,21 +39,20 @@ scores all runs against its final accuracy minus the tolerance, tuning time incl
 --reference-metric X scores against a known reference accuracy X without training it.
 
 --cpu-smoke runs the same code on the CPU with the small CNN on a 1,024-image subset, 2 epochs,
-a 10 s tune budget and a controller that measures and decides often enough to change the batch
-within so few steps. It checks the plumbing only; its numbers mean nothing.
+a 10 s tune budget and a controller that measures and decides often and moves for any predicted
+gain, so the batch can change within so few steps. It checks the plumbing only; its numbers mean
+nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path (tests)
@@ -65,20 +63,25 @@ from batchscope.guard import StateGuard  # noqa: E402
 from batchscope.oom import run_catching_oom  # noqa: E402
 from batchscope.record import environment_info  # noqa: E402
 from batchscope.step import (  # noqa: E402
-    accumulated_train_step, build_model, forward_backward, needs_grad_scaler, optimizer_step)
-from batchscope.sweep.trial import run_trial  # noqa: E402
+    build_model, forward_backward, needs_grad_scaler, optimizer_step)
+from batchscope.sweep.grid import GridPoint  # noqa: E402
+# The trial runner's own burn-in and seeding: the adaptive run starts exactly as the fixed one.
+from batchscope.sweep.trial import burn_in, seed_everything, run_trial  # noqa: E402
 from batchscope.sweep.trial_record import (  # noqa: E402
     EvalPoint, TrialRecord, TrialSettings, apply_target, summarise)
 from batchscope.tuning import TuneResult  # noqa: E402
 from batchscope.workload import Batch, Workload  # noqa: E402
 from batchscope.workloads import get_workload  # noqa: E402
 
+_pct, _num = tvr._pct, tvr._num  # the number formats of tune_vs_reference's table
 GPU = tvr.Setup("resnet18-cifar10", {}, epochs=30, budget_s=120.0, device="cuda")
 SMOKE = tvr.Setup("small-cnn-cifar10", {"train_size": 1024, "test_size": 256}, epochs=2,
                   budget_s=10.0, device="cpu")
 # The smoke run has ~32 steps an epoch: the controller's defaults (measure 1 step in 10, decide
-# every 50 after 8 samples) would never decide, so the plumbing of a change would go unchecked.
-SMOKE_CONTROLLER = {"measure_every": 2, "decide_every": 8, "min_samples": 3}
+# every 50 after 8 samples, move only for a 5% predicted gain) would rarely change the batch, so
+# the plumbing of a change (sampler cut, LR, micro-batches) would go unchecked.
+SMOKE_CONTROLLER: dict[str, Any] = {"measure_every": 2, "decide_every": 8, "min_samples": 3,
+                                    "min_gain": 0.0}
 SMOKE_NOTE = ("cpu-smoke: checks the plumbing only (small CNN, 1,024 images, 2 epochs); the "
               "numbers say nothing about adaptive vs fixed")
 
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("--min-samples", "noise samples before the first decision")):
         parser.add_argument(flag, type=int, default=None,
                             help=f"adaptive controller: {what} (default: the controller's)")
+    parser.add_argument("--min-gain", type=float, default=None,
+                        help="adaptive controller: the least predicted time-to-target saving "
+                             "that moves the batch, e.g. 0.05 (default: the controller's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default cuda; smoke cpu)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_metric is not None and not 0.0 < args.reference_metric <= 1.0:
         parser.error(f"--reference-metric {args.reference_metric!r} must be an accuracy in (0, 1]")
     controller = dict(SMOKE_CONTROLLER) if args.cpu_smoke else {}
-    for name in ("measure_every", "decide_every", "min_samples"):
+    for name in ("measure_every", "decide_every", "min_samples", "min_gain"):
         if getattr(args, name) is not None:
             controller[name] = getattr(args, name)
     device = devices.resolve_device(args.device or setup.device)
@@ -203,30 +209,19 @@ def main(argv: list[str] | None = None) -> int:
 class IndexedBatches:
     """Batches for the adaptive sampler's positions within one epoch's permutation.
 
-    The built-in CIFAR-10 workloads keep their split on the device as uint8 and augment on the
-    device; the workload exposes batches by size only, so the same view is rebuilt here from its
-    settings (the subset is fixed by its sizes, the decoded arrays are cached per process) and
-    indexed exactly as its `epoch_batches` does: `permutation(generator)` is that epoch's order,
-    and the same generator then draws each batch's augmentation. Any other workload gets
-    `make_batch` of the same size: random batches, not a permutation."""
+    A workload with `batch_at` (the built-in CIFAR-10 ones) is indexed exactly as its
+    `epoch_batches` indexes itself: `permutation(generator)` is that epoch's order, and the same
+    generator then draws each batch's augmentation. Any other workload gets `make_batch` of the
+    same size: random batches, not a permutation."""
 
     def __init__(self, workload: Workload, device: torch.device) -> None:
         self.workload = workload
         self.device = device
-        archive = workload.settings.get("archive")
-        self.indexed = archive is not None and "train_size" in workload.settings
-        if self.indexed:
-            from batchscope.workloads.augment import Normaliser
-            from batchscope.workloads.cifar_source import CifarSource
-
-            source = CifarSource(Path(archive), workload.settings["train_size"],
-                                 workload.settings.get("test_size"))
-            self._images, self._labels = source.on("train", device)
-            self._normalise = Normaliser(channels_last=workload.channels_last)
+        self.indexed = workload.batch_at is not None and workload.dataset_size is not None
         self.description = (
-            "adaptive batch sampler's index lists over the device-resident split, augmented on "
-            "the device as the workload's epoch_batches does" if self.indexed else
-            "make_batch(len(indices)): random batches of the sampler's sizes (no index hook)")
+            "the sampler's cuts of epoch_batches' own per-epoch permutation, through the "
+            "workload's batch_at" if self.indexed else
+            "make_batch of the sampler's sizes: random batches, no epoch permutation")
 
     def permutation(self, generator: torch.Generator) -> torch.Tensor:
         return torch.randperm(int(self.workload.dataset_size), generator=generator)
@@ -234,11 +229,8 @@ class IndexedBatches:
     def batch(self, order: torch.Tensor, positions: list[int], generator: torch.Generator) -> Batch:
         if not self.indexed:
             return self.workload.make_batch(len(positions), self.device, generator)
-        from batchscope.workloads.augment import augmented_batch
-
         # The sampler is unshuffled: its positions are one contiguous run of the epoch's order.
-        indices = order[positions[0]:positions[-1] + 1]
-        return augmented_batch(self._images, self._labels, indices, generator, self._normalise)
+        return self.workload.batch_at(order[positions[0]:positions[-1] + 1], self.device, generator)
 
 
 def run_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: int,
@@ -271,9 +263,9 @@ def _train_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: in
     rec = tuned.recommendation
     data = IndexedBatches(workload, device)
     record.extra["data"] = data.description
-    _burn_in(workload, device, rec.batch_size, rec.learning_rate,
+    burn_in(workload, GridPoint(rec.batch_size, rec.lr_rule), device, rec.learning_rate,
              rec.per_device_batch_size if rec.grad_accumulation > 1 else None)
-    _seed_everything(seed, device)  # the trial runner's seeding: the same initial weights
+    seed_everything(seed, device)  # the trial runner's seeding: the same initial weights
     model = build_model(workload, device)
     optimizer = workload.build_optimizer(model.parameters(), rec.learning_rate)
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(workload, device) else None
@@ -339,32 +331,6 @@ def _train_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: in
                             examples_seen=adaptive.examples_seen, finished=adaptive.finished,
                             noise_scale=adaptive.noise_scale)
         adaptive.close()
-
-
-def _burn_in(workload: Workload, device: torch.device, batch_size: int, lr: float,
-             micro: int | None) -> None:
-    """One untimed step at the starting batch on a throwaway model, as the trial runner takes
-    before its fixed run (cuDNN autotuning for the shape, allocator warm-up)."""
-    def step() -> None:
-        model = build_model(workload, device)
-        optimizer = workload.build_optimizer(model.parameters(), lr)
-        batch = workload.make_batch(batch_size, device, torch.Generator().manual_seed(0))
-        if micro is not None:
-            accumulated_train_step(workload, model, optimizer, batch, device, micro)
-        else:
-            forward_backward(workload, model, batch, device)
-            optimizer_step(optimizer)
-        devices.synchronize(device)
-
-    with StateGuard(rng=True):
-        run_catching_oom(step, device)
-
-
-def _seed_everything(seed: int, device: torch.device) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    devices.manual_seed_device(device, seed)
 
 
 # -- summary and output -------------------------------------------------------------------------
@@ -472,8 +438,9 @@ def print_table(runs: dict[str, TrialRecord], summary: dict[str, Any], workload:
         print(SMOKE_NOTE)
     print(f"tune: {summary['tune_seconds']:.1f} s")
     if "target_metric" in summary:
-        print(f"target: fixed run's final accuracy - {100 * (summary['fixed_final_metric'] - summary['target_metric']):.1f} "
-              f"points = {summary['target_metric']:.2%}")
+        below = 100 * (summary["fixed_final_metric"] - summary["target_metric"])
+        print(f"target: fixed run's final accuracy - {below:.1f} points = "
+              f"{summary['target_metric']:.2%}")
     print(f"{'':<26}" + "".join(f"{label:>18}" for label in labels))
     for name, values in rows:
         print(f"{name:<26}" + "".join(f"{value:>18}" for value in values))
@@ -490,11 +457,7 @@ def print_table(runs: dict[str, TrialRecord], summary: dict[str, Any], workload:
         print(f"last of {len(decisions)} decisions: {decisions[-1]['reason']}")
     else:
         print("no decision was taken (too few measured steps for the controller's settings)")
-    print()
-    ratio = summary.get("ratio_fixed_over_adaptive_time_to_target")
-    if ratio is not None:
-        print(f"fixed / adaptive training time to target: {ratio:.2f}x")
-    print(summary["verdict"])
+    print(f"\n{summary['verdict']}")
     style = summary.get("reference_style")
     if style is not None:
         where = "measured here" if style["reference_measured_here"] else "given"
@@ -510,13 +473,6 @@ def print_table(runs: dict[str, TrialRecord], summary: dict[str, Any], workload:
                   + (f", {speedup:.2f}x sooner than the reference (bar {tvr.SPEEDUP_BAR:g}x)"
                      if speedup is not None else ""))
 
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2%}"
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 # The GPU checks in one command, for a short device session (see benchmarks/README.md).
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]    STEP: memory throughput noise tune sweep seed
-#                                              (default: the first five, in that order; seed =
-#                                              tune + the 30-epoch sweep + tune vs reference in
-#                                              one process, benchmarks/seed_experiment.py)
+#                                              adaptive (default: the first five, in that order;
+#                                              seed = tune + the 30-epoch sweep + tune vs reference
+#                                              in one process, benchmarks/seed_experiment.py;
+#                                              adaptive = benchmarks/adaptive_vs_fixed.py)
 #
 # Runs the steps one after another, each under `timeout`, and puts everything in $OUT
 # (./gpu-out when OUT is unset): gpu_check.log (all output), <step>.json for each step that
@@ -20,15 +21,17 @@
 #                   epochs, budget, --bf16, --also-lr-rule
 #   SWEEP_EPOCHS=3 SWEEP_BATCHES=128,256,512,1024,2048,4096 SWEEP_TARGET=   the seed sweep
 #   SEED_S=540 SEED_EPOCHS=30 SEED_BUDGET=20 SEED_BATCHES=128,512,1024,2048 SEED_BF16=1
+#   ADAPTIVE_S=300 ADAPTIVE_EPOCHS=30 ADAPTIVE_BUDGET=30 ADAPTIVE_BF16=1 ADAPTIVE_REFERENCE=
+#                   adaptive_vs_fixed.py's epochs, budget, --bf16, --reference-metric
 #   PYTHON=python3  SMOKE=1 (every step in its --cpu-smoke form: checks the plumbing on a CPU)
 # The sweep and seed steps need optuna: carried wheels in .whl/ (benchmarks/fetch_device_wheels.sh) are
 # installed into /tmp/site when optuna is not importable; without them the step is skipped.
 set -uo pipefail
 
-ALL_STEPS=(memory throughput noise tune sweep seed)
+ALL_STEPS=(memory throughput noise tune sweep seed adaptive)
 DEFAULT_STEPS=(memory throughput noise tune sweep)
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 STEPS=("$@")
@@ -142,6 +145,15 @@ step_tune() {
     [[ -n ${TUNE_ALSO_RULE:-} ]] && extra+=(--also-lr-rule "$TUNE_ALSO_RULE")
     run_step tune "${TUNE_S:-480}" "$PYTHON" benchmarks/tune_vs_reference.py \
         --out "$OUT/tune_vs_reference.json" --tune-out "$WORK/tune" "${extra[@]}"
+}
+
+step_adaptive() {
+    local extra=(--epochs "${ADAPTIVE_EPOCHS:-30}" --budget "${ADAPTIVE_BUDGET:-30}")
+    [[ $SMOKE == 1 ]] && extra=(--cpu-smoke)
+    [[ ${ADAPTIVE_BF16:-1} == 1 && $SMOKE != 1 ]] && extra+=(--bf16)
+    [[ -n ${ADAPTIVE_REFERENCE:-} && $SMOKE != 1 ]] && extra+=(--reference-metric "$ADAPTIVE_REFERENCE")
+    run_step adaptive "${ADAPTIVE_S:-300}" "$PYTHON" benchmarks/adaptive_vs_fixed.py \
+        --out "$OUT/adaptive_vs_fixed.json" --tune-out "$WORK/adaptive-tune" "${extra[@]}"
 }
 
 # needs_optuna STEP: true when optuna imports (carried wheels installed if needed); otherwise

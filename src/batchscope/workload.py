@@ -60,6 +60,9 @@ class Workload:
         worst_case_batch: `(batch_size, device) -> batch` with the largest input shape
             (e.g. longest sequence) for memory probes; defaults to `make_batch`.
         evaluate: `(model, device) -> metric` on held-out data, for sweeps and adaptive runs.
+        batch_at: `(indices, device, generator) -> batch` of the training examples at `indices`
+            (a 1-D int64 CPU tensor into 0..dataset_size-1), augmented as in training; lets an
+            adaptive run cut each epoch into batches whose size changes (`batchscope.adaptive`).
         count: `batch -> units` (examples or tokens) in a batch; defaults to `batch_size`.
         dataset_size: training examples available; caps the batch when batches cannot
             exceed the dataset.
@@ -76,6 +79,7 @@ class Workload:
     data_loader: Callable[[int, torch.device], Iterator[Batch]] | None = None
     worst_case_batch: Callable[[int, torch.device], Batch] | None = None
     evaluate: Evaluate | None = None
+    batch_at: Callable[[torch.Tensor, torch.device, torch.Generator], Batch] | None = None
     metric_name: str = "accuracy"
     higher_is_better: bool = True
     count: Callable[[Batch], int] | None = None

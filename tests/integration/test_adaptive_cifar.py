@@ -5,15 +5,12 @@ style batch sampler, and the workload's own model, optimizer and loss."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 import batchscope
 from batchscope.adaptive import AdaptiveBatchSize
 from batchscope.workload import resolve_workload
-from batchscope.workloads.augment import Normaliser, augmented_batch
-from batchscope.workloads.cifar_source import CifarSource
 
 EPOCHS = 2
 
@@ -29,9 +26,7 @@ def test_adaptive_training_follows_tunes_plan_and_its_own_rules_on_real_cifar():
     optimizer = workload.build_optimizer(model.parameters(), rec.learning_rate)
     adaptive = AdaptiveBatchSize.from_tune(result, model, optimizer, epochs=EPOCHS,
                                            measure_every=2, decide_every=10, min_samples=3)
-    source = CifarSource(Path(workload.settings["archive"]), workload.dataset_size, 1000)
-    images, labels = source.on("train", cpu)
-    normalise, generator = Normaliser(), torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     total = EPOCHS * workload.dataset_size
     warmup = rec.warmup_steps * rec.batch_size
 
@@ -39,7 +34,7 @@ def test_adaptive_training_follows_tunes_plan_and_its_own_rules_on_real_cifar():
     sampler = adaptive.batch_sampler(workload.dataset_size, seed=0)
     for _ in range(EPOCHS):
         for indices in sampler:
-            batch = augmented_batch(images, labels, torch.tensor(indices), generator, normalise)
+            batch = workload.batch_at(torch.tensor(indices), cpu, generator)
             step_loss = 0.0
             for micro, weight in adaptive.micro_batches(batch):
                 loss = weight * workload.loss(model, micro)

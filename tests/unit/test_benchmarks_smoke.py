@@ -22,7 +22,8 @@ import torch
 import batchscope
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-GPU_BENCHMARKS = ("memory", "throughput", "noise", "tune_vs_reference", "seed_experiment")
+GPU_BENCHMARKS = ("memory", "throughput", "noise", "tune_vs_reference", "seed_experiment",
+                  "adaptive_vs_fixed")
 
 
 def _load(name: str) -> ModuleType:
@@ -166,6 +167,6 @@ def test_gpu_check_rejects_an_unknown_step_before_running_anything(tmp_path: Pat
                             env={"OUT": str(out), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: unknown step 'bogus'; choose from: memory throughput noise tune sweep seed")
+        "error: unknown step 'bogus'; choose from: memory throughput noise tune sweep seed adaptive")
     assert not out.exists()  # nothing ran, nothing written
 

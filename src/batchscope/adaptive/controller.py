@@ -122,8 +122,9 @@ class AdaptiveBatchSize:
     def from_tune(cls, result: "TuneResult", model: nn.Module, optimizer: torch.optim.Optimizer, *,
                   epochs: float, dataset_size: int | None = None, **options: Any) -> "AdaptiveBatchSize":
         """Start from `tune`'s recommendation and measurements: its batch, LR rule, base, warmup
-        (as examples), memory limit, throughput model and candidates, and the workload's
-        schedule over `epochs` epochs of `dataset_size` (default: the workload's) examples."""
+        (as examples; the workload's own warmup when longer), memory limit, throughput model and
+        candidates, and the workload's schedule over `epochs` epochs of `dataset_size` (default:
+        the workload's) examples."""
         if result.step_time is None:
             raise UsageError("this TuneResult has no throughput model; run batchscope.tune() again")
         rec = result.recommendation
@@ -141,8 +142,11 @@ class AdaptiveBatchSize:
             reference_batch_size=rec.base_batch_size,
             max_accumulation=max(MAX_ACCUMULATION, rec.grad_accumulation),
             **{k: options.pop(k) for k in ("max_growth", "min_gain", "allow_shrink") if k in options})
-        schedule = ExampleSchedule(total_examples=int(epochs * require_int("dataset_size", size)),
-                                   warmup_examples=rec.warmup_steps * rec.batch_size,
+        size = require_int("dataset_size", size)
+        # The longer of the rule's warmup and the workload's own, as sweeps' schedules take it.
+        warmup = max(rec.warmup_steps * rec.batch_size,
+                     math.ceil(float(workload.get("warmup_epochs") or 0.0) * size))
+        schedule = ExampleSchedule(total_examples=int(epochs * size), warmup_examples=warmup,
                                    kind=workload.get("schedule", "cosine"))
         options.setdefault("noise_scale", result.plan.noise_scale)
         return cls(model, optimizer, policy, batch_size=rec.batch_size,
@@ -212,7 +216,8 @@ class AdaptiveBatchSize:
 
     @property
     def finished(self) -> bool:
-        """Whether the schedule's examples have all been seen."""
+        """Whether the schedule's examples have all been seen (a sampler dropping each epoch's
+        last partial batch leaves the run a few examples short of that)."""
         return self.schedule is not None and self.examples_seen >= self.schedule.total_examples
 
     def close(self) -> None:

@@ -126,8 +126,8 @@ def _train(
     guard: StateGuard,
 ) -> None:
     micro = _micro_batch_size(point, settings)
-    _burn_in(workload, point, device, schedule.peak_lr, micro)
-    _seed_everything(settings.seed, device)
+    burn_in(workload, point, device, schedule.peak_lr, micro)
+    seed_everything(settings.seed, device)
     model = build_model(workload, device, guard)
     optimizer = workload.build_optimizer(model.parameters(), schedule.peak_lr)
     # Keep the ratios between parameter groups the user's factory set up; scale them all.
@@ -204,7 +204,7 @@ def _micro_batch_size(point: GridPoint, settings: TrialSettings) -> int | None:
     return limit if limit is not None and point.batch_size > limit else None
 
 
-def _burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: float,
+def burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: float,
              micro: int | None = None) -> None:
     """One untimed step on a throwaway model, so one-time costs (decoding the dataset into its
     cache, the CUDA context, cuDNN autotuning for this batch shape) are not charged to whichever
@@ -230,7 +230,7 @@ def _burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: flo
         run_catching_oom(step, device)
 
 
-def _seed_everything(seed: int, device: torch.device) -> None:
+def seed_everything(seed: int, device: torch.device) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -10,6 +10,7 @@ calls `build_cifar_workload`; the data handling here is the same for all of them
 - `epoch_batches` is one shuffled epoch with the last partial batch dropped; it refuses a batch
   larger than the training set, which would hold no step at all.
 - `data_loader` is the per-sample CPU pipeline (`cpu_pipeline`): endless, take what you need.
+- `batch_at` is the examples at given indices, augmented as `make_batch` does (adaptive runs).
 - `evaluate` is top-1 accuracy on the (subset of the) test set.
 """
 
@@ -145,6 +146,10 @@ def build_cifar_workload(recipe: Recipe, options: CifarOptions) -> Workload:
             )
         return _epoch(source, normalise, batch_size, torch.device(device), seed)
 
+    def batch_at(indices: Tensor, device: torch.device, generator: torch.Generator) -> CifarBatch:
+        images, labels = source.on("train", torch.device(device))
+        return augmented_batch(images, labels, indices, generator, normalise)
+
     def data_loader(batch_size: int, device: torch.device) -> Iterator[CifarBatch]:
         images, labels = source.host("train")
         return per_sample_loader(
@@ -170,6 +175,7 @@ def build_cifar_workload(recipe: Recipe, options: CifarOptions) -> Workload:
         epoch_batches=epoch_batches,
         data_loader=data_loader,
         evaluate=evaluate,
+        batch_at=batch_at,
         metric_name="accuracy",
         higher_is_better=True,
         count=count_examples,

@@ -199,3 +199,32 @@ def test_adascale_follows_the_latest_measured_noise_scale():
     noise = adaptive.last_decision.noise_scale
     run_step(adaptive, model, (x[:64], y[:64]))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (noise / 16 + 1) / (noise / 64 + 1))
+
+
+def _tune_result(warmup_steps: int, warmup_epochs: float):
+    """The parts of a TuneResult that from_tune reads (a real one: tests/integration)."""
+    from types import SimpleNamespace
+
+    from batchscope.recommend import Recommendation
+
+    rec = Recommendation(batch_size=32, per_device_batch_size=32, grad_accumulation=1,
+                         learning_rate=0.02, lr_rule="linear", warmup_steps=warmup_steps,
+                         predicted_speedup_vs_reference=1.5, base_batch_size=16, base_learning_rate=0.01)
+    return SimpleNamespace(
+        recommendation=rec, step_time=step_time(),
+        plan=SimpleNamespace(curve=[SimpleNamespace(batch_size=b) for b in CANDIDATES], noise_scale=40.0),
+        memory=SimpleNamespace(recommended_batch_size=64),
+        record=SimpleNamespace(workload={"dataset_size": N_EXAMPLES, "schedule": "cosine",
+                                         "warmup_epochs": warmup_epochs}))
+
+
+@pytest.mark.parametrize("warmup_steps, warmup_epochs, expected", [(5, 0.0, 160), (5, 2.0, 320), (0, 0.5, 80)])
+def test_from_tune_starts_at_the_recommendation_with_the_longer_warmup(warmup_steps, warmup_epochs, expected):
+    model = linear_model()
+    adaptive = AdaptiveBatchSize.from_tune(_tune_result(warmup_steps, warmup_epochs), model,
+                                           torch.optim.SGD(model.parameters(), lr=0.1), epochs=3)
+    assert adaptive.batch_size == 32 and adaptive.lr_rule == "linear" and adaptive.base_lr == 0.01
+    assert adaptive.schedule == ExampleSchedule(total_examples=3 * N_EXAMPLES, warmup_examples=expected)
+    assert adaptive.policy.max_fit == 64 and adaptive.policy.candidates == CANDIDATES
+    with pytest.raises(UsageError, match="epochs=0"):
+        AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=0)
