@@ -90,17 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default=None,
                         help=f"built-in workload (default {GPU.workload}; smoke {SMOKE.workload})")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"training epochs of each run (default {GPU.epochs}; smoke "
-                             f"{SMOKE.epochs})")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"tune's time budget in seconds (default {GPU.budget_s:g}; smoke "
-                             f"{SMOKE.budget_s:g})")
-    parser.add_argument("--tolerance", type=float, default=tvr.TOLERANCE_POINTS,
-                        help="accuracy points below the fixed run's final accuracy that count as "
-                             "reaching it (default 0.5)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast + channels_last for tuning and every run")
     parser.add_argument("--with-reference", action="store_true",
                         help="also train the workload's reference recipe and score every run "
                              "against its final accuracy minus the tolerance")
@@ -115,19 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-gain", type=float, default=None,
                         help="adaptive controller: the least predicted time-to-target saving "
                              "that moves the batch, e.g. 0.05 (default: the controller's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every run")
-    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default cuda; smoke cpu)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--tune-out", type=Path, default=None,
-                        help="directory for tune's run.json and report.html")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="small-cnn-cifar10 on the CPU, 2 epochs, 10 s budget (plumbing only)")
+    tvr.add_tune_and_train_arguments(
+        parser, GPU, SMOKE, target_of="the fixed run's",
+        smoke_help="small-cnn-cifar10 on the CPU, 2 epochs, 10 s budget (plumbing only)")
     args = parser.parse_args(argv)
 
     setup = SMOKE if args.cpu_smoke else GPU
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("benchmarks/adaptive_vs_fixed.py needs a CUDA GPU (none is visible); to exercise "
-              "the harness on the CPU use --cpu-smoke", file=sys.stderr)
+    if not args.cpu_smoke and not tvr.cuda_or_say("adaptive_vs_fixed"):
         return 2
     epochs = args.epochs if args.epochs is not None else setup.epochs
     budget = args.budget if args.budget is not None else setup.budget_s

@@ -78,35 +78,17 @@ SPEEDUP_BAR = 2.5
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"training epochs of each run (default {GPU.epochs}; smoke "
-                             f"{SMOKE.epochs})")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"tune's time budget in seconds (default {GPU.budget_s:g}; smoke "
-                             f"{SMOKE.budget_s:g})")
     parser.add_argument("--evals-per-epoch", type=int, default=1,
                         help="test-set evaluations per epoch (the time-to-target resolution)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE_POINTS,
-                        help="accuracy points below the reference's final accuracy that count "
-                             "as reaching it (default 0.5)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast + channels_last for tuning and both runs")
     parser.add_argument("--also-lr-rule", default=None,
                         help="also train tune's plan under this LR rule (e.g. adascale): same "
                              "batch, the rule's LR and warmup, scored against the same reference")
-    parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
-    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default cuda; smoke cpu)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--tune-out", type=Path, default=None,
-                        help="directory for tune's run.json and report.html")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="small-cnn-cifar10 on the CPU, 1 epoch, 20 s budget")
+    add_tune_and_train_arguments(parser, GPU, SMOKE, target_of="the reference's",
+                                 smoke_help="small-cnn-cifar10 on the CPU, 1 epoch, 20 s budget")
     args = parser.parse_args(argv)
 
     setup = SMOKE if args.cpu_smoke else GPU
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("benchmarks/tune_vs_reference.py needs a CUDA GPU (none is visible); to exercise "
-              "the harness on the CPU use --cpu-smoke", file=sys.stderr)
+    if not args.cpu_smoke and not cuda_or_say("tune_vs_reference"):
         return 2
     epochs = args.epochs if args.epochs is not None else setup.epochs
     budget = args.budget if args.budget is not None else setup.budget_s
@@ -188,6 +170,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- stages -------------------------------------------------------------------------------------
+
+
+def add_tune_and_train_arguments(parser: argparse.ArgumentParser, gpu: Any, smoke: Any, *,
+                                 target_of: str, smoke_help: str) -> None:
+    """The flags every tune-then-train benchmark shares (this one and adaptive_vs_fixed.py)."""
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"training epochs of each run (default {gpu.epochs}; smoke "
+                             f"{smoke.epochs})")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"tune's time budget in seconds (default {gpu.budget_s:g}; smoke "
+                             f"{smoke.budget_s:g})")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE_POINTS,
+                        help=f"accuracy points below {target_of} final accuracy that count as "
+                             "reaching it (default 0.5)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast + channels_last for tuning and every run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run")
+    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default cuda; smoke cpu)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--tune-out", type=Path, default=None,
+                        help="directory for tune's run.json and report.html")
+    parser.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+
+
+def cuda_or_say(script: str) -> bool:
+    """True on a CUDA machine; otherwise the one-line message every GPU benchmark gives."""
+    if torch.cuda.is_available():
+        return True
+    print(f"benchmarks/{script}.py needs a CUDA GPU (none is visible); to exercise the harness "
+          "on the CPU use --cpu-smoke", file=sys.stderr)
+    return False
 
 
 def pay_one_time_costs(workload: Workload, device: torch.device) -> None:
