@@ -26,10 +26,9 @@ index the same per-epoch permutation, from the same seeded generator that then d
 augmentation, as the workload's `epoch_batches` (the fixed run's). So until its first change the
 adaptive run trains on exactly the fixed run's batches from the same initial weights; only its
 measured steps differ (two or more micro-batches: BatchNorm sees smaller batches there). The
-Workload contract has no "batch for these indices" hook, so for the built-in CIFAR-10 workloads
-the script rebuilds the device-resident split and its augmentation from the workload's settings
-(archive, subset sizes); any other workload gets `make_batch` of the sampler's sizes (random
-batches, no epoch permutation; the output says which).
+batches come from the workload's `batch_at` (the built-in CIFAR-10 workloads have it); any other
+workload gets `make_batch` of the sampler's sizes (random batches, no epoch permutation; the
+output says which).
 
 Target: the fixed run's final accuracy minus --tolerance (0.5 points). Printed side by side:
 final and best accuracy, training seconds, time to target, the adaptive run's batch changes

@@ -19,11 +19,11 @@ The loop (see README, "Adaptive batch size")::
 
     adaptive = AdaptiveBatchSize.from_tune(result, model, optimizer, epochs=30)
     loader = DataLoader(train_set, batch_sampler=adaptive.batch_sampler(len(train_set)))
-    for epoch in range(30):
+    while not adaptive.finished:           # one pass of the loader is one epoch
         for batch in loader:
-            for micro, weight in adaptive.micro_batches(batch):
+            for micro, weight in adaptive.micro_batches(batch):   # sets this step's LR
                 (weight * loss_fn(model, micro)).backward()
-            adaptive.step()                # before clipping and optimizer.step()
+            adaptive.step()                # before clipping and zero_grad()
             optimizer.step(); optimizer.zero_grad()
     adaptive.close()
 """
@@ -31,6 +31,7 @@ The loop (see README, "Adaptive batch size")::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from batchscope.tuning import TuneResult
 
 STATE_VERSION = 1
+_STATE_KEYS = ("batch_size", "steps", "examples_seen", "lr_noise", "changes", "position")
+# Measured steps deferred this many times running (batches no split makes equal) get a warning.
+POSTPONED_WARNING = 20
 
 
 class AdaptiveBatchSize:
@@ -109,14 +113,19 @@ class AdaptiveBatchSize:
         self.monitor = GradientNoiseMonitor(model, self.batch_size, every=require_int("measure_every", measure_every),
                                             scaler=scaler, ema_beta=ema_beta)
         self._lr_noise = noise_scale  # the noise scale AdaScale's gain uses; updated at decisions
-        first_lr = optimizer.param_groups[0]["lr"]
-        self._group_ratios = [group["lr"] / first_lr if first_lr else 1.0 for group in optimizer.param_groups]
+        # Groups keep their LRs relative to the largest (a frozen group at 0 stays at 0).
+        largest = max(float(group["lr"]) for group in optimizer.param_groups)
+        self._group_ratios = [float(group["lr"]) / largest if largest > 0 else 1.0
+                              for group in optimizer.param_groups]
         self.steps = 0
         self.examples_seen = 0
         self.changes: list[dict[str, Any]] = []
         self.last_decision: BatchDecision | None = None
         self._step_batch: int | None = None
         self._sampler: AdaptiveBatchSampler | None = None
+        self._trained_through: tuple[int, int] | None = None  # (epoch, end) of the last step
+        self._pending_position: tuple[int, int] | None = None  # a resume before batch_sampler()
+        self._postponed_in_a_row = 0
 
     @classmethod
     def from_tune(cls, result: "TuneResult", model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -160,14 +169,23 @@ class AdaptiveBatchSize:
         """A `DataLoader(batch_sampler=...)` that draws batches of the current size."""
         self._sampler = AdaptiveBatchSampler(dataset_size, lambda: self.batch_size, shuffle=shuffle,
                                              seed=seed, drop_last=drop_last)
+        if self._pending_position is not None:
+            self._sampler.resume_at(*self._pending_position)
         return self._sampler
 
     def micro_batches(self, batch: Any) -> Iterator[tuple[Any, float]]:
         """(micro-batch, weight) pairs to run backward on, `weight * mean loss` each, so the
         accumulated gradient is the mean over the whole batch. `batch` is a tensor, or a tuple,
-        list or dict of tensors sharing their first dimension."""
+        list or dict of tensors sharing their first dimension. Sets this step's LR (from the
+        batch's size), so `optimizer.step()` may come before or after `step()`."""
+        if self._step_batch is not None:
+            raise UsageError("micro_batches() was called twice without step() in between: one "
+                             "batch per optimizer step, then adaptive.step()")
         size = _batch_length(batch)
         self._step_batch = size
+        lr = self.learning_rate(size)
+        for group, ratio in zip(self.optimizer.param_groups, self._group_ratios):
+            group["lr"] = lr * ratio
         count = self._micro_batch_count(size)
         if self.monitor.measuring:
             self.monitor.set_micro_batches(size // count, loss_multiplier=1.0 / count)
@@ -176,19 +194,24 @@ class AdaptiveBatchSize:
             yield _slice(batch, start, end), (end - start) / size
 
     def step(self) -> BatchDecision | None:
-        """After the step's backward passes, before clipping and `optimizer.step()`: reads the
-        noise sample, sets this step's LR, and every `decide_every` steps may change the batch
-        size of the batches drawn next. Returns the decision on a deciding step, else None."""
+        """After the step's backward passes, before clipping and `zero_grad()`: reads the noise
+        sample, counts the examples, and every `decide_every` steps may change the batch size of
+        the batches drawn next. Returns the decision on a deciding step, else None."""
         if self._step_batch is None:
             raise UsageError("step() came before micro_batches(batch): run the step's backward "
                              "passes through adaptive.micro_batches(batch) first")
         batch, self._step_batch = self._step_batch, None
-        self.monitor.step()
-        lr = self.learning_rate(batch)
-        for group, ratio in zip(self.optimizer.param_groups, self._group_ratios):
-            group["lr"] = lr * ratio
+        skipped = self.monitor.tracker.skipped
+        measured = self.monitor.measuring
+        sample = self.monitor.step()
+        overflowed = self.monitor.tracker.skipped > skipped  # AMP overflow: not the loop's fault
+        if measured and not overflowed and (sample is None or sample.sq_norm_big == 0.0):
+            raise UsageError("step() found no gradients on a measured step: call adaptive.step() "
+                             "after the backward passes and before optimizer.zero_grad()")
         self.examples_seen += batch
         self.steps += 1
+        if self._sampler is not None and self._sampler.drawn:
+            self._trained_through = self._sampler.drawn.popleft()
         if self.steps % self.decide_every or self.monitor.tracker.samples < self.min_samples:
             return None
         decision = self.policy.decide(self.batch_size, self.monitor.b_simple)
@@ -216,9 +239,16 @@ class AdaptiveBatchSize:
 
     @property
     def finished(self) -> bool:
-        """Whether the schedule's examples have all been seen (a sampler dropping each epoch's
-        last partial batch leaves the run a few examples short of that)."""
-        return self.schedule is not None and self.examples_seen >= self.schedule.total_examples
+        """Whether the schedule's examples have all been seen, or this helper's sampler has gone
+        through the epochs they make up (one dropping each epoch's last partial batch falls a
+        few examples short of the count)."""
+        if self.schedule is None:
+            return False
+        total = self.schedule.total_examples
+        if self.examples_seen >= total:
+            return True
+        sampler = self._sampler
+        return sampler is not None and sampler.passes_done >= math.ceil(total / sampler.dataset_size)
 
     def close(self) -> None:
         """Remove the monitor's hooks from the model."""
@@ -233,24 +263,32 @@ class AdaptiveBatchSize:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue where this one is (the sampler's epoch included;
-        the noise estimate starts afresh after a resume)."""
+        """What a resumed run needs to continue where this one is: the batch, the counts, and
+        the place in the data right after the last trained batch (not after what the loader
+        has read ahead). The noise estimate starts afresh after a resume."""
         return {"version": STATE_VERSION, "batch_size": self.batch_size, "steps": self.steps,
                 "examples_seen": self.examples_seen, "lr_noise": self._lr_noise,
                 "changes": [dict(change) for change in self.changes],
-                "sampler_epoch": None if self._sampler is None else self._sampler.epoch}
+                "position": None if self._trained_through is None else list(self._trained_through)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
-            raise UsageError(f"not an AdaptiveBatchSize state (version {STATE_VERSION}); pass what "
-                             "state_dict() returned")
+        """Continue from `state_dict()`'s output, before or after `batch_sampler()` is made."""
+        version = state.get("version") if isinstance(state, Mapping) else None
+        missing = [key for key in _STATE_KEYS if not isinstance(state, Mapping) or key not in state]
+        if version != STATE_VERSION or missing:
+            raise UsageError(f"not an AdaptiveBatchSize state of version {STATE_VERSION} (got version "
+                             f"{version!r}, missing {missing}); pass what state_dict() returned")
         self.batch_size = require_int("batch_size", state["batch_size"])
         self.steps = require_int("steps", state["steps"], minimum=0)
         self.examples_seen = require_int("examples_seen", state["examples_seen"], minimum=0)
         self._lr_noise = state["lr_noise"]
         self.changes = [dict(change) for change in state["changes"]]
-        if self._sampler is not None and state.get("sampler_epoch") is not None:
-            self._sampler.set_epoch(state["sampler_epoch"])
+        position = state["position"]
+        self._trained_through = self._pending_position = None if position is None else (
+            require_int("position epoch", position[0], minimum=0),
+            require_int("position offset", position[1], minimum=0))
+        if self._sampler is not None and self._pending_position is not None:
+            self._sampler.resume_at(*self._pending_position)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -260,10 +298,19 @@ class AdaptiveBatchSize:
         count = self.policy.split(size)[1]
         if not self.monitor.measuring:
             return count
-        for equal in range(max(2, count), min(size, 2 * max(2, count)) + 1):
+        # Up to 4x the micro-batches needed, so that sizes with a small factor (3, 5, 7) still
+        # split evenly without making the measured step crawl.
+        for equal in range(max(2, count), min(size, 4 * max(2, count)) + 1):
             if size % equal == 0:
+                self._postponed_in_a_row = 0
                 return equal
         self.monitor.postpone()
+        self._postponed_in_a_row += 1
+        if self._postponed_in_a_row == POSTPONED_WARNING:
+            warnings.warn(f"batch size {size} has not split into equal micro-batches for "
+                          f"{POSTPONED_WARNING} steps in a row, so the noise scale is not being "
+                          f"measured; use batch sizes with small factors (e.g. powers of two)",
+                          stacklevel=3)
         return count
 
 

@@ -5,10 +5,15 @@ when each batch is drawn; a change in the middle of an epoch changes the cut, ne
 the epoch covers. A DataLoader draws batches ahead of the loop (`prefetch_factor` per worker), so
 a change reaches the loop a few batches later; the loop's helper (`AdaptiveBatchSize`) reads the
 size of each batch it is handed, so the LR always matches the batch actually trained on.
+
+Resuming: every batch drawn is queued as (epoch, end offset in its permutation); the helper takes
+one off the queue per optimizer step, so it knows how far the *trained* batches reached however
+far the loader has read ahead, and a checkpoint resumes right after them (`resume_at`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Iterator
 
 import torch
@@ -40,24 +45,42 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.epoch = 0
+        self._offset = 0  # where in its epoch the next iteration starts (non-zero on a resume)
+        self.passes_done = 0  # epochs iterated to their end (a resumed run counts those before)
+        self.drawn: deque[tuple[int, int]] = deque()  # (epoch, end) of batches not yet trained
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration covers (each iteration also advances it by one)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise UsageError(f"epoch={epoch!r} must be an int >= 0")
+        """The epoch the next iteration covers (each iteration also advances it by one); setting
+        the epoch a resume stopped in keeps the resume's place in it."""
+        epoch = require_int("epoch", epoch, minimum=0)
+        if epoch != self.epoch:
+            self._offset = 0
         self.epoch = epoch
 
+    def resume_at(self, epoch: int, offset: int) -> None:
+        """Start the next iteration `offset` examples into epoch `epoch`'s permutation (an offset
+        at the end of the epoch starts the next one)."""
+        self.epoch = require_int("epoch", epoch, minimum=0)
+        self._offset = require_int("offset", offset, minimum=0)
+        self.drawn.clear()
+        if self.dataset_size - self._offset < (self.batch_size() if self.drop_last else 1):
+            self.epoch, self._offset = self.epoch + 1, 0
+        self.passes_done = self.epoch
+
     def __iter__(self) -> Iterator[list[int]]:
-        order = self._order(self.epoch)
-        self.epoch += 1
-        start = 0
+        epoch, start = self.epoch, self._offset
+        order = self._order(epoch)
+        self.drawn.clear()  # a new pass: whatever an abandoned one left queued was never trained
+        self.epoch, self._offset = epoch + 1, 0
         while start < self.dataset_size:
             size = require_int("batch size", self.batch_size())
-            end = start + size
-            if end > self.dataset_size and self.drop_last:
-                return
+            end = min(start + size, self.dataset_size)
+            if end - start < size and self.drop_last:
+                break
+            self.drawn.append((epoch, end))
             yield order[start:end]
             start = end
+        self.passes_done = epoch + 1
 
     def __len__(self) -> int:
         """Batches in an epoch at the current batch size (a change mid-epoch makes it stale)."""

@@ -88,11 +88,22 @@ def test_a_batch_that_cannot_be_split_evenly_moves_the_measurement_to_the_next_s
     x, y = linear_data()
     model = linear_model()
     adaptive, optimizer = make(model, measure_every=10)
-    run_step(adaptive, model, (x[:7], y[:7]))  # 7 is prime: no two equal micro-batches
+    run_step(adaptive, model, (x[:11], y[:11]))  # 11 is prime: no 2..8 equal micro-batches
     assert adaptive.monitor.tracker.samples == 0
     optimizer.zero_grad()
     run_step(adaptive, model, (x[:8], y[:8]))  # step 1 of 10, measured in its place
     assert adaptive.monitor.tracker.samples == 1
+
+
+def test_a_batch_size_that_never_splits_evenly_is_warned_about():
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, optimizer = make(model, measure_every=1)
+    with pytest.warns(UserWarning, match="batch size 11 has not split into equal micro-batches"):
+        for _ in range(20):
+            run_step(adaptive, model, (x[:11], y[:11]))
+            optimizer.zero_grad()
+    assert adaptive.monitor.tracker.samples == 0
 
 
 def test_every_steps_lr_is_base_times_rule_times_schedule_for_the_batch_it_trains_on():
@@ -140,23 +151,74 @@ def test_the_batch_doubles_at_each_decision_and_the_sampler_serves_the_new_size_
     assert decisions[-1].batch_size == 128 and not decisions[-1].changed
 
 
-def test_state_dict_resumes_the_batch_the_examples_and_the_sampler_epoch():
+def test_a_resume_continues_right_after_the_last_trained_batch_not_the_loaders_read_ahead():
     x, y = linear_data()
-    model = linear_model()
     schedule = ExampleSchedule(total_examples=1000)
+    model = linear_model()
     adaptive, optimizer = make(model, schedule=schedule, measure_every=1, decide_every=2, min_samples=1)
-    sampler = adaptive.batch_sampler(N_EXAMPLES)
-    for indices in sampler:
+    sampler = adaptive.batch_sampler(N_EXAMPLES, seed=4)
+    drawn = iter(sampler)
+    trained = [next(drawn) for _ in range(5)]
+    read_ahead = [next(drawn), next(drawn)]  # drawn by a prefetching loader, never trained
+    for indices in trained:
         run_step(adaptive, model, (x[indices], y[indices]))
         optimizer.zero_grad()
     state = adaptive.state_dict()
+    # The natural order on a restart: load the state, then build the loader's sampler.
     resumed, _ = make(linear_model(), schedule=schedule)
-    resumed_sampler = resumed.batch_sampler(N_EXAMPLES)
     resumed.load_state_dict(state)
-    assert (resumed.batch_size, resumed.steps, resumed.examples_seen) == (adaptive.batch_size, adaptive.steps, N_EXAMPLES)
-    assert resumed.changes == adaptive.changes and resumed_sampler.epoch == sampler.epoch == 1
+    rest = list(resumed.batch_sampler(N_EXAMPLES, seed=4))
+    assert (resumed.batch_size, resumed.steps) == (adaptive.batch_size, adaptive.steps)
+    assert resumed.changes == adaptive.changes and resumed.examples_seen == adaptive.examples_seen
+    assert rest[0][:len(read_ahead[0])] == read_ahead[0][:len(rest[0])]
+    epoch = [i for batch in trained + rest for i in batch]
+    assert sorted(epoch) == list(range(N_EXAMPLES))  # the epoch completes, nothing twice
     assert resumed.learning_rate(32) == adaptive.learning_rate(32)
-    assert list(resumed_sampler)[0] == list(sampler)[0]
+
+
+def test_finished_ends_a_drop_last_loop_after_the_planned_epochs():
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, optimizer = make(model, batch_size=48, schedule=ExampleSchedule(total_examples=2 * N_EXAMPLES))
+    sampler = adaptive.batch_sampler(N_EXAMPLES, drop_last=True)
+    passes = 0
+    while not adaptive.finished:
+        for indices in sampler:
+            run_step(adaptive, model, (x[indices], y[indices]))
+            optimizer.zero_grad()
+        passes += 1
+        assert passes <= 2
+    assert passes == 2 and adaptive.examples_seen == 2 * 144
+
+
+def test_the_lr_is_set_before_the_backward_passes_so_optimizer_step_may_come_first():
+    x, y = linear_data()
+    model = linear_model()
+    groups = [{"params": [model.weight], "lr": 0.0}, {"params": [model.bias], "lr": 0.01}]
+    schedule = ExampleSchedule(total_examples=640, warmup_examples=320)
+    adaptive, optimizer = make(model, batch_size=32, schedule=schedule, groups=groups)
+    for step in range(3):
+        for micro, weight in adaptive.micro_batches((x[:32], y[:32])):
+            (weight * loss(model, micro)).backward()
+        expected = 0.01 * 2 * (32 * (step + 1)) / 320
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(expected)
+        assert optimizer.param_groups[0]["lr"] == 0.0  # a frozen group stays frozen
+        optimizer.step()  # the scheduler-style order: optimizer first
+        adaptive.step()
+        optimizer.zero_grad()
+
+
+def test_loop_order_mistakes_are_caught_at_once():
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, optimizer = make(model, measure_every=1)
+    for micro, weight in adaptive.micro_batches((x[:16], y[:16])):
+        (weight * loss(model, micro)).backward()
+    with pytest.raises(UsageError, match="micro_batches\\(\\) was called twice"):
+        next(adaptive.micro_batches((x[:16], y[:16])))
+    optimizer.zero_grad(set_to_none=True)
+    with pytest.raises(UsageError, match="before optimizer.zero_grad"):
+        adaptive.step()
 
 
 def test_close_removes_the_hooks():
@@ -181,8 +243,10 @@ def test_loop_mistakes_and_bad_settings_are_one_line_usage_errors():
         AdaptiveBatchSize(model, torch.optim.SGD(model.parameters(), lr=0.1),
                           BatchSizePolicy(step_time(), CANDIDATES, max_fit_batch_size=8, reference_batch_size=16),
                           batch_size=8, base_batch_size=16, base_lr=0)
-    with pytest.raises(UsageError, match="not an AdaptiveBatchSize state"):
+    with pytest.raises(UsageError, match="not an AdaptiveBatchSize state of version 1 \\(got version None"):
         adaptive.load_state_dict({"batch_size": 8})
+    with pytest.raises(UsageError, match="missing \\['position'\\]"):
+        adaptive.load_state_dict({k: v for k, v in adaptive.state_dict().items() if k != "position"})
 
 
 def test_adascale_follows_the_latest_measured_noise_scale():
