@@ -292,3 +292,18 @@ def test_from_tune_starts_at_the_recommendation_with_the_longer_warmup(warmup_st
     assert adaptive.policy.max_fit == 64 and adaptive.policy.candidates == CANDIDATES
     with pytest.raises(UsageError, match="epochs=0"):
         AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=0)
+
+
+def test_with_a_grad_scaler_the_measured_sample_is_the_unscaled_one():
+    x, y = linear_data()
+    indices = torch.arange(10, 26)
+    plain_model, scaled_model = linear_model(), linear_model()
+    plain, _ = make(plain_model, max_fit=64, measure_every=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaled, _ = make(scaled_model, max_fit=64, measure_every=1, scaler=scaler)
+    run_step(plain, plain_model, (x[indices], y[indices]))
+    for micro, weight in scaled.micro_batches((x[indices], y[indices])):
+        scaler.scale(weight * loss(scaled_model, micro)).backward()
+    scaled.step()
+    assert scaled.monitor.tracker.g2_samples[-1] == pytest.approx(plain.monitor.tracker.g2_samples[-1], rel=1e-5)
+    assert scaled.monitor.tracker.trace_samples[-1] == pytest.approx(plain.monitor.tracker.trace_samples[-1], rel=1e-5)
