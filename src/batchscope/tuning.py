@@ -172,16 +172,17 @@ def tune(
     record.sections["memory"] = memory.to_dict()
     _save(record, out)
 
-    # The data path is checked later, at the planned batch (see _check_data_path).
-    throughput: ThroughputResult = stage("throughput probe", lambda: measure_throughput(
-        resolved, device=where, max_batch_size=memory.recommended_batch_size,
-        time_budget_s=THROUGHPUT_SHARE * budget_s, data_path=False))
-    record.sections["throughput"] = throughput.to_dict()
-    step_time = _throughput_model(throughput)
-
     limit = memory.recommended_batch_size
     has_batchnorm = _has_batchnorm(resolved, where)
     floor = min(BATCHNORM_MIN_PER_DEVICE, limit) if has_batchnorm else 1
+
+    # The data path is checked later, at the planned batch (see _check_data_path). Batches
+    # below the BatchNorm floor are not measured: the plan could not pick them.
+    throughput: ThroughputResult = stage("throughput probe", lambda: measure_throughput(
+        resolved, device=where, max_batch_size=limit, min_batch_size=floor if floor > 1 else None,
+        time_budget_s=THROUGHPUT_SHARE * budget_s, data_path=False))
+    record.sections["throughput"] = throughput.to_dict()
+    step_time = _throughput_model(throughput)
 
     def plan_for(noise_value: float | None) -> GoodputPlan:
         candidates = _candidates(resolved, throughput, limit, target, noise_value, floor)

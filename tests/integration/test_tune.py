@@ -72,8 +72,9 @@ def test_tune_recommends_within_what_it_measured_and_leaves_user_objects_alone(t
     # Never a micro-batch above what was verified to fit minus the margin.
     assert rec.per_device_batch_size <= memory.recommended_batch_size <= memory.max_batch_size
     assert rec.per_device_batch_size * rec.grad_accumulation >= rec.batch_size
-    # BatchNorm model: nothing below the BN floor was considered.
+    # BatchNorm model: nothing below the BN floor was considered, or measured.
     assert rec.batch_size >= BATCHNORM_MIN_PER_DEVICE
+    assert min(p.batch_size for p in result.throughput.points) == BATCHNORM_MIN_PER_DEVICE
     # SGD -> linear rule from the user's own LR at the reference batch.
     assert rec.lr_rule == "linear"
     assert rec.learning_rate == pytest.approx(0.2 * rec.batch_size / 64)

@@ -93,6 +93,7 @@ def measure_throughput(
     batch_sizes: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     max_batch_size: int | None = None,
+    min_batch_size: int | None = None,
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
     timed_steps: int = DEFAULT_TIMED_STEPS,
     fraction: float = 0.95,
@@ -109,7 +110,9 @@ def measure_throughput(
 
     `variants=True` adds the bf16-autocast + channels_last curve; a mapping `{name: settings}`
     adds one curve per entry (settings are `Workload` fields, e.g. `{"autocast_dtype":
-    torch.bfloat16}`). `data_path=False` skips the input-pipeline check. `time_budget_s` stops
+    torch.bfloat16}`). `min_batch_size` starts the default grid there instead of at 8 (tune
+    passes the BatchNorm floor: sizes its plan cannot pick are not worth a point).
+    `data_path=False` skips the input-pipeline check. `time_budget_s` stops
     growing the batch before the first size predicted to overrun that many seconds (the
     result says so). `clock` is the seconds source for every measurement (tests pass a
     simulated one to get exact answers).
@@ -120,7 +123,8 @@ def measure_throughput(
     variant_workloads = _variant_workloads(workload, variants)
     device = resolve_device(device)
     notes: list[str] = []
-    grid, cap, cap_source = _plan_grid(workload, device, batch_sizes, max_batch_size, notes)
+    grid, cap, cap_source = _plan_grid(workload, device, batch_sizes, max_batch_size, notes,
+                                       min_batch_size)
     timing = dict(warmup_steps=warmup_steps, timed_steps=timed_steps,
                   max_seconds=max_seconds_per_point, clock=clock)
 
@@ -333,9 +337,12 @@ def _point(batch_size: int, times: StepTimes, units: float, unit: str) -> Throug
 
 
 def _plan_grid(workload: Workload, device: torch.device, batch_sizes: Sequence[int] | None,
-               max_batch_size: int | None, notes: list[str]) -> tuple[list[int], int, str]:
+               max_batch_size: int | None, notes: list[str],
+               min_batch_size: int | None = None) -> tuple[list[int], int, str]:
     if max_batch_size is not None:
         max_batch_size = require_int("max_batch_size", max_batch_size)
+    start = DEFAULT_MIN_BATCH_SIZE if min_batch_size is None else require_int(
+        "min_batch_size", min_batch_size)
     if batch_sizes is not None:
         sizes = _checked_batch_sizes(batch_sizes)
         if max_batch_size is not None:
@@ -358,7 +365,7 @@ def _plan_grid(workload: Workload, device: torch.device, batch_sizes: Sequence[i
     if workload.dataset_size is not None and cap > workload.dataset_size:
         notes.append(f"grid capped at the dataset size {workload.dataset_size} (was {cap})")
         cap, source = workload.dataset_size, "dataset size"
-    return geometric_grid(cap), cap, source
+    return geometric_grid(cap, start), cap, source
 
 
 def _checked_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:

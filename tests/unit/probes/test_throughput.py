@@ -385,6 +385,18 @@ def test_geometric_grid(cap, grid):
     assert geometric_grid(cap) == grid
 
 
+def test_min_batch_size_starts_the_default_grid_there():
+    from batchscope.probes import throughput
+
+    notes: list[str] = []
+    grid, cap, _ = throughput._plan_grid(timed_workload(TimedLoss(0, 0)), torch.device("cpu"), None,
+                                         300, notes, min_batch_size=32)
+    assert grid == [32, 64, 128, 256] and cap == 300
+    with pytest.raises(UsageError, match="min_batch_size=0"):
+        throughput._plan_grid(timed_workload(TimedLoss(0, 0)), torch.device("cpu"), None, 300, notes,
+                              min_batch_size=0)
+
+
 @pytest.mark.parametrize(("kwargs", "fragment"), [
     ({"fraction": 1.5}, "fraction=1.5"),
     ({"batch_sizes": [8, 0]}, "batch size=0"),
