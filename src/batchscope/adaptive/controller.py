@@ -30,11 +30,13 @@ The loop (see README, "Adaptive batch size")::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from batchscope import scaling
@@ -43,6 +45,7 @@ from batchscope.adaptive.schedule import ExampleSchedule
 from batchscope.analysis.adaptive_policy import BatchDecision, BatchSizePolicy
 from batchscope.checks import require_int
 from batchscope.errors import UsageError
+from batchscope.probes.noise_ddp import DistributedGradientNoiseMonitor
 from batchscope.probes.noise_online import GradientNoiseMonitor
 
 if TYPE_CHECKING:
@@ -71,6 +74,16 @@ class AdaptiveBatchSize:
         measure_every: one optimizer step in this many is measured.
         decide_every: steps between decisions; min_samples: measured steps before the first.
         scaler: the loop's `torch.amp.GradScaler`, if any (its scale is divided out of norms).
+        group: the process group under data parallelism (default: the world, when
+            torch.distributed is initialised with more than one rank).
+
+    Data-parallel (DDP): `batch_size` and every number here are global; each rank trains
+    batch_size / world_size examples a step (`batch_sampler` gives each rank its share). The
+    ranks' local gradients are the small batch of the noise estimate and DDP's average the big
+    one (`DistributedGradientNoiseMonitor`), so measured steps need no split; every rank gets
+    the same all-reduced numbers and so takes the same decisions. The plan is made per device:
+    the time to target of a global batch B on W devices, (B + B_noise) / (W X(B/W)), is that of a
+    per-device batch b = B/W against a noise scale B_noise/W.
     """
 
     def __init__(
@@ -90,6 +103,7 @@ class AdaptiveBatchSize:
         min_samples: int = 8,
         scaler: Any = None,
         ema_beta: float = 0.9,
+        group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UsageError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer")
@@ -110,8 +124,18 @@ class AdaptiveBatchSize:
         self.schedule = schedule
         self.decide_every = require_int("decide_every", decide_every)
         self.min_samples = require_int("min_samples", min_samples, minimum=0)
-        self.monitor = GradientNoiseMonitor(model, self.batch_size, every=require_int("measure_every", measure_every),
-                                            scaler=scaler, ema_beta=ema_beta)
+        self.world_size, self.rank = _data_parallel(group)
+        if self.batch_size % self.world_size:
+            raise UsageError(f"batch_size={self.batch_size} does not split over {self.world_size} ranks; "
+                             f"use a multiple of {self.world_size}")
+        every = require_int("measure_every", measure_every)
+        if self.world_size > 1:
+            self.monitor: GradientNoiseMonitor = DistributedGradientNoiseMonitor(
+                model, self.batch_size // self.world_size, every=every, scaler=scaler,
+                ema_beta=ema_beta, group=group)
+        else:
+            self.monitor = GradientNoiseMonitor(model, self.batch_size, every=every, scaler=scaler,
+                                                ema_beta=ema_beta)
         self._lr_noise = noise_scale  # the noise scale AdaScale's gain uses; updated at decisions
         # Groups keep their LRs relative to the largest (a frozen group at 0 stays at 0).
         largest = max(float(group["lr"]) for group in optimizer.param_groups)
@@ -124,6 +148,7 @@ class AdaptiveBatchSize:
         self._step_batch: int | None = None
         self._sampler: AdaptiveBatchSampler | None = None
         self._trained_through: tuple[int, int] | None = None  # (epoch, end) of the last step
+        self._step_global: int | None = None
         self._pending_position: tuple[int, int] | None = None  # a resume before batch_sampler()
         self._postponed_in_a_row = 0
 
@@ -133,7 +158,7 @@ class AdaptiveBatchSize:
         """Start from `tune`'s recommendation and measurements: its batch, LR rule, base, warmup
         (as examples; the workload's own warmup when longer), memory limit, throughput model and
         candidates, and the workload's schedule over `epochs` epochs of `dataset_size` (default:
-        the workload's) examples."""
+        the workload's) examples. Under DDP the starting batch is re-planned for the ranks."""
         if result.step_time is None:
             raise UsageError("this TuneResult has no throughput model; run batchscope.tune() again")
         rec = result.recommendation
@@ -158,7 +183,15 @@ class AdaptiveBatchSize:
         schedule = ExampleSchedule(total_examples=int(epochs * size), warmup_examples=warmup,
                                    kind=workload.get("schedule", "cosine"))
         options.setdefault("noise_scale", result.plan.noise_scale)
-        return cls(model, optimizer, policy, batch_size=rec.batch_size,
+        # Tune planned for one device; on W ranks the start is the per-device optimum at
+        # B_noise / W (class docstring), times W.
+        world, _ = _data_parallel(options.get("group"))
+        start = rec.batch_size
+        if world > 1:
+            noise = result.plan.noise_scale
+            optimum = policy.decide(rec.batch_size, None if noise is None else noise / world).optimum
+            start = world * (optimum or rec.batch_size)
+        return cls(model, optimizer, policy, batch_size=start,
                    base_batch_size=rec.base_batch_size, base_lr=rec.base_learning_rate,
                    lr_rule=rec.lr_rule, schedule=schedule, **options)
 
@@ -168,7 +201,8 @@ class AdaptiveBatchSize:
                       drop_last: bool = False) -> AdaptiveBatchSampler:
         """A `DataLoader(batch_sampler=...)` that draws batches of the current size."""
         self._sampler = AdaptiveBatchSampler(dataset_size, lambda: self.batch_size, shuffle=shuffle,
-                                             seed=seed, drop_last=drop_last)
+                                             seed=seed, drop_last=drop_last, rank=self.rank,
+                                             world_size=self.world_size)
         if self._pending_position is not None:
             self._sampler.resume_at(*self._pending_position)
         return self._sampler
@@ -176,17 +210,21 @@ class AdaptiveBatchSize:
     def micro_batches(self, batch: Any) -> Iterator[tuple[Any, float]]:
         """(micro-batch, weight) pairs to run backward on, `weight * mean loss` each, so the
         accumulated gradient is the mean over the whole batch. `batch` is a tensor, or a tuple,
-        list or dict of tensors sharing their first dimension. Sets this step's LR (from the
-        batch's size), so `optimizer.step()` may come before or after `step()`."""
+        list or dict of tensors sharing their first dimension (this rank's share under DDP).
+        Sets this step's LR (from the global batch's size), so `optimizer.step()` may come
+        before or after `step()`."""
         if self._step_batch is not None:
             raise UsageError("micro_batches() was called twice without step() in between: one "
                              "batch per optimizer step, then adaptive.step()")
         size = _batch_length(batch)
-        self._step_batch = size
-        lr = self.learning_rate(size)
+        drawn = self._sampler.drawn[0] if self._sampler is not None and self._sampler.drawn else None
+        # The sampler knows the global batch; without it every rank is taken to hold `size`.
+        global_size = drawn[2] - drawn[1] if drawn is not None else size * self.world_size
+        self._step_batch, self._step_global = size, global_size
+        lr = self.learning_rate(global_size)
         for group, ratio in zip(self.optimizer.param_groups, self._group_ratios):
             group["lr"] = lr * ratio
-        count = self._micro_batch_count(size)
+        count = self._micro_batch_count(size, global_size)
         if self.monitor.measuring:
             self.monitor.set_micro_batches(size // count, loss_multiplier=1.0 / count)
         bounds = [round(i * size / count) for i in range(count + 1)]
@@ -196,11 +234,12 @@ class AdaptiveBatchSize:
     def step(self) -> BatchDecision | None:
         """After the step's backward passes, before clipping and `zero_grad()`: reads the noise
         sample, counts the examples, and every `decide_every` steps may change the batch size of
-        the batches drawn next. Returns the decision on a deciding step, else None."""
-        if self._step_batch is None:
+        the batches drawn next. Returns the decision on a deciding step, else None. Under DDP
+        every rank must call it every step (a measured step is one collective)."""
+        if self._step_batch is None or self._step_global is None:
             raise UsageError("step() came before micro_batches(batch): run the step's backward "
                              "passes through adaptive.micro_batches(batch) first")
-        batch, self._step_batch = self._step_batch, None
+        batch, self._step_batch, self._step_global = self._step_global, None, None
         skipped = self.monitor.tracker.skipped
         measured = self.monitor.measuring
         sample = self.monitor.step()
@@ -211,10 +250,11 @@ class AdaptiveBatchSize:
         self.examples_seen += batch
         self.steps += 1
         if self._sampler is not None and self._sampler.drawn:
-            self._trained_through = self._sampler.drawn.popleft()
+            epoch, _, end = self._sampler.drawn.popleft()
+            self._trained_through = (epoch, end)
         if self.steps % self.decide_every or self.monitor.tracker.samples < self.min_samples:
             return None
-        decision = self.policy.decide(self.batch_size, self.monitor.b_simple)
+        decision = self._decide()
         self.last_decision = decision
         if decision.noise_scale is not None:
             self._lr_noise = decision.noise_scale
@@ -292,16 +332,31 @@ class AdaptiveBatchSize:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _micro_batch_count(self, size: int) -> int:
-        """The fewest micro-batches that fit; a measured step needs at least two equal ones (the
-        second batch size of the estimate), else its measurement moves to the next step."""
+    def _decide(self) -> BatchDecision:
+        """The policy's decision in global numbers; per device under DDP (class docstring)."""
+        world = self.world_size
+        noise = self.monitor.b_simple
+        local = self.policy.decide(self.batch_size // world, None if noise is None else noise / world)
+        if world == 1:
+            return local
+        return dataclasses.replace(
+            local, previous=local.previous * world, batch_size=local.batch_size * world,
+            noise_scale=noise, optimum=None if local.optimum is None else local.optimum * world)
+
+    def _micro_batch_count(self, size: int, global_size: int) -> int:
+        """The fewest micro-batches that fit. A measured step on one process needs at least two
+        equal ones (the second batch size of the estimate), else its measurement moves to the
+        next step; under DDP the ranks' shares are the small batches, and the choice depends
+        only on the global size, so every rank makes the same one."""
         count = self.policy.split(size)[1]
         if not self.monitor.measuring:
             return count
+        least = 2 if self.world_size == 1 else count
+        equal_share = global_size % self.world_size == 0 and size == global_size // self.world_size
         # Up to 4x the micro-batches needed, so that sizes with a small factor (3, 5, 7) still
         # split evenly without making the measured step crawl.
-        for equal in range(max(2, count), min(size, 4 * max(2, count)) + 1):
-            if size % equal == 0:
+        for equal in range(max(least, count), min(size, 4 * max(2, count)) + 1):
+            if equal_share and size % equal == 0:
                 self._postponed_in_a_row = 0
                 return equal
         self.monitor.postpone()
@@ -312,6 +367,16 @@ class AdaptiveBatchSize:
                           f"measured; use batch sizes with small factors (e.g. powers of two)",
                           stacklevel=3)
         return count
+
+
+def _data_parallel(group: Any) -> tuple[int, int]:
+    """(world size, rank) of `group` when torch.distributed runs, else (1, 0)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise UsageError("group= was given but torch.distributed is not initialised; call "
+                             "torch.distributed.init_process_group(...) first")
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _batch_length(batch: Any) -> int:

@@ -6,9 +6,15 @@ the epoch covers. A DataLoader draws batches ahead of the loop (`prefetch_factor
 a change reaches the loop a few batches later; the loop's helper (`AdaptiveBatchSize`) reads the
 size of each batch it is handed, so the LR always matches the batch actually trained on.
 
-Resuming: every batch drawn is queued as (epoch, end offset in its permutation); the helper takes
-one off the queue per optimizer step, so it knows how far the *trained* batches reached however
-far the loader has read ahead, and a checkpoint resumes right after them (`resume_at`).
+Resuming: every batch drawn is queued as (epoch, start, end) in its permutation; the helper takes
+one off the queue per optimizer step, so it knows the global size of the batch it trains and how
+far the *trained* batches reached however far the loader has read ahead, and a checkpoint
+resumes right after them (`resume_at`).
+
+Data-parallel: every rank cuts the same permutation (same seed) into the same global batches and
+takes every `world_size`-th example of each from position `rank`, so the ranks' shares are
+disjoint, equal, and together are the global batch (a short final batch is trimmed to a multiple
+of world_size for that).
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         shuffle: a new permutation each epoch, from `seed` and the epoch number, so a run is
             repeatable and a resumed run sees the same order.
         drop_last: drop an epoch's final batch when it is smaller than the size asked for.
+        rank / world_size: this process's share of each global batch under data parallelism.
     """
 
     def __init__(self, dataset_size: int, batch_size: Callable[[], int], *, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False) -> None:
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
         self.dataset_size = require_int("dataset_size", dataset_size)
         if not callable(batch_size):
             raise UsageError(f"batch_size={batch_size!r} must be a callable returning the current "
@@ -44,10 +51,12 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.world_size = require_int("world_size", world_size)
+        self.rank = require_int("rank", rank, minimum=0, maximum=self.world_size - 1)
         self.epoch = 0
         self._offset = 0  # where in its epoch the next iteration starts (non-zero on a resume)
         self.passes_done = 0  # epochs iterated to their end (a resumed run counts those before)
-        self.drawn: deque[tuple[int, int]] = deque()  # (epoch, end) of batches not yet trained
+        self.drawn: deque[tuple[int, int, int]] = deque()  # (epoch, start, end), not yet trained
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration covers (each iteration also advances it by one); setting
@@ -77,8 +86,12 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             end = min(start + size, self.dataset_size)
             if end - start < size and self.drop_last:
                 break
-            self.drawn.append((epoch, end))
-            yield order[start:end]
+            # Ranks take equal shares: a short final batch loses its last few (< world_size).
+            end -= (end - start) % self.world_size
+            if end == start:
+                break
+            self.drawn.append((epoch, start, end))
+            yield order[start + self.rank:end:self.world_size]
             start = end
         self.passes_done = epoch + 1
 

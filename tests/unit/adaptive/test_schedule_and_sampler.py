@@ -96,3 +96,17 @@ def test_bad_sampler_input_is_a_usage_error():
         AdaptiveBatchSampler(10, 4)
     with pytest.raises(UsageError, match="epoch=-1"):
         AdaptiveBatchSampler(10, lambda: 4).set_epoch(-1)
+
+
+def test_ranks_take_disjoint_equal_shares_of_each_global_batch():
+    current[0] = 16
+    shares = [list(AdaptiveBatchSampler(41, lambda: current[0], seed=5, rank=r, world_size=2))
+              for r in range(2)]
+    one = list(AdaptiveBatchSampler(41, lambda: current[0], seed=5))
+    # Global batches 16, 16, then 9 trimmed to 8 so both ranks hold 4.
+    assert [len(b) for b in shares[0]] == [len(b) for b in shares[1]] == [8, 8, 4]
+    for mine, theirs, whole in zip(shares[0], shares[1], one):
+        assert sorted(mine + theirs) == sorted(whole[:2 * len(mine)])
+        assert not set(mine) & set(theirs)
+    with pytest.raises(UsageError, match="rank=2"):
+        AdaptiveBatchSampler(41, lambda: 16, rank=2, world_size=2)

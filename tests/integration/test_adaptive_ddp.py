@@ -1,0 +1,66 @@
+"""The adaptive mode under DDP with two real gloo processes on the CPU: both ranks take the same
+decisions, set the same LRs and end with the same weights; their shares of each global batch are
+disjoint, equal and cover the epoch; the noise estimate is read across ranks (local share vs
+global batch) without splitting steps."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HELPERS = Path(__file__).resolve().parents[1] / "unit" / "probes"
+sys.path.insert(0, str(HELPERS))
+sys.path.insert(0, str(Path(__file__).parent))
+import test_adaptive_ddp_worker as worker  # noqa: E402
+from test_noise_problems import N_EXAMPLES  # noqa: E402
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    directory = tmp_path_factory.mktemp("adaptive-ddp")
+    mp.spawn(worker.run_rank, args=(WORLD, str(directory / "init"), str(directory), str(HELPERS)),
+             nprocs=WORLD, join=True)
+    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+
+
+def test_every_rank_takes_the_same_decisions_lrs_and_ends_with_the_same_weights(ranks):
+    first, second = ranks
+    assert first["world_size"] == second["world_size"] == WORLD
+    assert first["changes"] == second["changes"]
+    assert [s["lr"] for s in first["steps"]] == [s["lr"] for s in second["steps"]]
+    assert first["params"] == second["params"]
+    assert first["examples_seen"] == second["examples_seen"] == worker.EPOCHS * N_EXAMPLES
+    # Overhead-only step time: the per-device batch doubles at each decision, 8 -> ... -> 64.
+    assert [c["batch_size"] for c in first["changes"]] == [32, 64, 128]
+    assert [c["step"] for c in first["changes"]] == [4, 8, 12]
+
+
+def test_the_ranks_shares_are_disjoint_equal_and_cover_each_epoch(ranks):
+    first, second = ranks
+    seen = 0
+    epoch: list[int] = []
+    for mine, theirs in zip(first["steps"], second["steps"]):
+        assert len(mine["indices"]) == len(theirs["indices"])
+        assert not set(mine["indices"]) & set(theirs["indices"])
+        epoch += mine["indices"] + theirs["indices"]
+        seen += 2 * len(mine["indices"])
+        if seen % N_EXAMPLES == 0:
+            assert sorted(epoch) == list(range(N_EXAMPLES))
+            epoch = []
+    assert seen == worker.EPOCHS * N_EXAMPLES
+
+
+def test_measured_steps_pair_each_ranks_share_with_the_global_batch(ranks):
+    for step in ranks[0]["steps"]:  # every step is measured (measure_every=1), none split
+        local = len(step["indices"])
+        assert step["sample"] == [local, WORLD * local]
+    assert ranks[0]["noise_scale"] > 0

@@ -1,0 +1,73 @@
+"""The rank function the adaptive DDP test spawns (no tests here: spawned processes import this
+module by name, so it stays light and free of pytest fixtures)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from batchscope.adaptive import AdaptiveBatchSize, BatchSizePolicy, ExampleSchedule
+from batchscope.analysis.throughput_model import fit_throughput_model
+
+EPOCHS = 3
+START_BATCH = 16  # global: 8 a rank
+CANDIDATES = [4, 8, 16, 32, 64]  # per device
+
+
+def run_rank(rank: int, world: int, init_file: str, out_dir: str, helpers: str) -> None:
+    sys.path.insert(0, helpers)
+    from test_noise_problems import N_EXAMPLES, linear_data, linear_model
+
+    torch.set_num_threads(1)
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = _train(linear_model(), linear_data(), N_EXAMPLES)
+        gc.collect()  # see test_noise_ddp_worker: DDP wrappers must go before the process group
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _train(model, data, dataset_size: int) -> dict:
+    x, y = data
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    # Step time all overhead: the larger the per-device batch, the faster to target.
+    sizes = [4, 8, 16, 32, 64]
+    step_time = fit_throughput_model(sizes, [1.0 + 1e-6 * m for m in sizes])
+    policy = BatchSizePolicy(step_time, CANDIDATES, max_fit_batch_size=64, reference_batch_size=16)
+    adaptive = AdaptiveBatchSize(ddp, optimizer, policy, batch_size=START_BATCH, base_batch_size=16,
+                                 base_lr=0.01, schedule=ExampleSchedule(EPOCHS * dataset_size),
+                                 measure_every=1, decide_every=4, min_samples=2)
+    sampler = adaptive.batch_sampler(dataset_size, seed=3)
+    steps = []
+    while not adaptive.finished:
+        for indices in sampler:
+            for micro, weight in adaptive.micro_batches((x[indices], y[indices])):
+                loss = 0.5 * ((ddp(micro[0]).squeeze(-1) - micro[1]) ** 2).mean()
+                (weight * loss).backward()
+            adaptive.step()
+            steps.append({"indices": indices, "lr": optimizer.param_groups[0]["lr"],
+                          "sample": _last_sample(adaptive)})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    adaptive.close()
+    return {"steps": steps, "changes": adaptive.changes, "examples_seen": adaptive.examples_seen,
+            "noise_scale": adaptive.noise_scale, "world_size": adaptive.world_size,
+            "params": [p.detach().reshape(-1).tolist() for p in model.parameters()]}
+
+
+def _last_sample(adaptive) -> list[int] | None:
+    sample = adaptive.monitor.tracker.last
+    return None if sample is None else [sample.b_small, sample.b_big]
