@@ -32,20 +32,27 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 
-def test_every_rank_takes_the_same_decisions_lrs_and_ends_with_the_same_weights(ranks):
-    first, second = ranks
+RUNS = ("whole", "accumulated")
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_rank_takes_the_same_decisions_lrs_and_ends_with_the_same_weights(ranks, run):
+    first, second = ranks[0][run], ranks[1][run]
     assert first["world_size"] == second["world_size"] == WORLD
     assert first["changes"] == second["changes"]
     assert [s["lr"] for s in first["steps"]] == [s["lr"] for s in second["steps"]]
     assert first["params"] == second["params"]
     assert first["examples_seen"] == second["examples_seen"] == worker.EPOCHS * N_EXAMPLES
-    # Overhead-only step time: the per-device batch doubles at each decision, 8 -> ... -> 64.
-    assert [c["batch_size"] for c in first["changes"]] == [32, 64, 128]
-    assert [c["step"] for c in first["changes"]] == [4, 8, 12]
+    if run == "whole":  # overhead-only step time: the per-device batch doubles, 8 -> ... -> 64
+        assert [c["batch_size"] for c in first["changes"]] == [32, 64, 128]
+        assert [c["step"] for c in first["changes"]] == [4, 8, 12]
+    else:  # accumulating past what fits never pays, and the batch never shrinks
+        assert first["changes"] == []
 
 
-def test_the_ranks_shares_are_disjoint_equal_and_cover_each_epoch(ranks):
-    first, second = ranks
+@pytest.mark.parametrize("run", RUNS)
+def test_the_ranks_shares_are_disjoint_equal_and_cover_each_epoch(ranks, run):
+    first, second = ranks[0][run], ranks[1][run]
     seen = 0
     epoch: list[int] = []
     for mine, theirs in zip(first["steps"], second["steps"]):
@@ -60,7 +67,20 @@ def test_the_ranks_shares_are_disjoint_equal_and_cover_each_epoch(ranks):
 
 
 def test_measured_steps_pair_each_ranks_share_with_the_global_batch(ranks):
-    for step in ranks[0]["steps"]:  # every step is measured (measure_every=1), none split
+    for step in ranks[0]["whole"]["steps"]:  # every step is measured (measure_every=1), none split
         local = len(step["indices"])
         assert step["sample"] == [local, WORLD * local]
-    assert ranks[0]["noise_scale"] > 0
+    assert ranks[0]["whole"]["noise_scale"] > 0
+
+
+def test_accumulated_micro_batches_pair_with_the_global_batch_too(ranks):
+    # max_fit 16 per device: a 32-example share runs as 2 micro-batches (the first under no_sync).
+    steps = ranks[0]["accumulated"]["steps"]
+    split = [s for s in steps if len(s["indices"]) == 32]
+    assert split and all(s["sample"] == [16, WORLD * 32] for s in split)
+    assert ranks[0]["accumulated"]["noise_scale"] > 0
+
+
+def test_unequal_shares_from_another_sampler_stop_every_rank_with_the_same_error(ranks):
+    messages = [rank["unequal"] for rank in ranks]
+    assert all("the ranks hold different batch sizes this step" in m for m in messages)

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from batchscope.adaptive import AdaptiveBatchSize, BatchSizePolicy, ExampleSchedule
 from batchscope.analysis.throughput_model import fit_throughput_model
+from batchscope.errors import UsageError
 
 EPOCHS = 3
 START_BATCH = 16  # global: 8 a rank
@@ -31,7 +32,11 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, helpers: str) 
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = _train(linear_model(), linear_data(), N_EXAMPLES)
+        result = {"whole": _train(linear_model(), linear_data(), N_EXAMPLES, max_fit=64),
+                  # 32 a rank with 16 fitting: two micro-batches a step, the first under no_sync.
+                  "accumulated": _train(linear_model(), linear_data(), N_EXAMPLES, max_fit=16,
+                                        start=64),
+                  "unequal": _unequal_shares(linear_model(), linear_data(), rank)}
         gc.collect()  # see test_noise_ddp_worker: DDP wrappers must go before the process group
         dist.barrier()
     finally:
@@ -39,17 +44,37 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, helpers: str) 
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _train(model, data, dataset_size: int) -> dict:
-    x, y = data
-    ddp = DistributedDataParallel(model)
+def _adaptive(ddp, max_fit: int, dataset_size: int, start: int = START_BATCH):
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     # Step time all overhead: the larger the per-device batch, the faster to target.
     sizes = [4, 8, 16, 32, 64]
     step_time = fit_throughput_model(sizes, [1.0 + 1e-6 * m for m in sizes])
-    policy = BatchSizePolicy(step_time, CANDIDATES, max_fit_batch_size=64, reference_batch_size=16)
-    adaptive = AdaptiveBatchSize(ddp, optimizer, policy, batch_size=START_BATCH, base_batch_size=16,
+    policy = BatchSizePolicy(step_time, CANDIDATES, max_fit_batch_size=max_fit, reference_batch_size=16)
+    adaptive = AdaptiveBatchSize(ddp, optimizer, policy, batch_size=start, base_batch_size=16,
                                  base_lr=0.01, schedule=ExampleSchedule(EPOCHS * dataset_size),
                                  measure_every=1, decide_every=4, min_samples=2)
+    return adaptive, optimizer
+
+
+def _unequal_shares(model, data, rank: int) -> str:
+    """A loop with its own sampler handing the ranks 9 and 7 examples: every rank must refuse."""
+    x, y = data
+    ddp = DistributedDataParallel(model)
+    adaptive, _ = _adaptive(ddp, 64, len(y))
+    share = 9 if rank == 0 else 7
+    try:
+        next(adaptive.micro_batches((x[:share], y[:share])))
+    except UsageError as error:
+        return str(error)
+    finally:
+        adaptive.close()
+    return "no error"
+
+
+def _train(model, data, dataset_size: int, max_fit: int, start: int = START_BATCH) -> dict:
+    x, y = data
+    ddp = DistributedDataParallel(model)
+    adaptive, optimizer = _adaptive(ddp, max_fit, dataset_size, start)
     sampler = adaptive.batch_sampler(dataset_size, seed=3)
     steps = []
     while not adaptive.finished:
@@ -63,7 +88,7 @@ def _train(model, data, dataset_size: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     adaptive.close()
-    return {"steps": steps, "changes": adaptive.changes, "examples_seen": adaptive.examples_seen,
+    return {"steps": steps, "changes": adaptive.changes, "max_fit": max_fit, "examples_seen": adaptive.examples_seen,
             "noise_scale": adaptive.noise_scale, "world_size": adaptive.world_size,
             "params": [p.detach().reshape(-1).tolist() for p in model.parameters()]}
 

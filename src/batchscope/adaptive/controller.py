@@ -109,6 +109,7 @@ class AdaptiveBatchSize:
             raise UsageError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer")
         if not isinstance(policy, BatchSizePolicy):
             raise UsageError(f"policy={type(policy).__name__} is not a BatchSizePolicy")
+        self.model = model
         self.optimizer = optimizer
         self.policy = policy
         self.batch_size = require_int("batch_size", batch_size)
@@ -124,6 +125,7 @@ class AdaptiveBatchSize:
         self.schedule = schedule
         self.decide_every = require_int("decide_every", decide_every)
         self.min_samples = require_int("min_samples", min_samples, minimum=0)
+        self.group = group
         self.world_size, self.rank = _data_parallel(group)
         if self.batch_size % self.world_size:
             raise UsageError(f"batch_size={self.batch_size} does not split over {self.world_size} ranks; "
@@ -202,7 +204,7 @@ class AdaptiveBatchSize:
         """A `DataLoader(batch_sampler=...)` that draws batches of the current size."""
         self._sampler = AdaptiveBatchSampler(dataset_size, lambda: self.batch_size, shuffle=shuffle,
                                              seed=seed, drop_last=drop_last, rank=self.rank,
-                                             world_size=self.world_size)
+                                             world_size=self.world_size, remaining=self._to_draw)
         if self._pending_position is not None:
             self._sampler.resume_at(*self._pending_position)
         return self._sampler
@@ -217,10 +219,8 @@ class AdaptiveBatchSize:
             raise UsageError("micro_batches() was called twice without step() in between: one "
                              "batch per optimizer step, then adaptive.step()")
         size = _batch_length(batch)
-        drawn = self._sampler.drawn[0] if self._sampler is not None and self._sampler.drawn else None
-        # The sampler knows the global batch; without it every rank is taken to hold `size`.
-        global_size = drawn[2] - drawn[1] if drawn is not None else size * self.world_size
-        self._step_batch, self._step_global = size, global_size
+        self._step_batch, self._step_global = size, self._global_size(size)
+        global_size = self._step_global
         lr = self.learning_rate(global_size)
         for group, ratio in zip(self.optimizer.param_groups, self._group_ratios):
             group["lr"] = lr * ratio
@@ -228,8 +228,16 @@ class AdaptiveBatchSize:
         if self.monitor.measuring:
             self.monitor.set_micro_batches(size // count, loss_multiplier=1.0 / count)
         bounds = [round(i * size / count) for i in range(count + 1)]
-        for start, end in zip(bounds, bounds[1:]):
-            yield _slice(batch, start, end), (end - start) / size
+        # Under DDP only the last micro-batch's backward all-reduces (noise_ddp reads the
+        # local micro-batch gradients from hooks either way).
+        no_sync = getattr(self.model, "no_sync", None) if self.world_size > 1 else None
+        for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            part = (_slice(batch, start, end), (end - start) / size)
+            if no_sync is not None and index < count - 1:
+                with no_sync():
+                    yield part
+            else:
+                yield part
 
     def step(self) -> BatchDecision | None:
         """After the step's backward passes, before clipping and `zero_grad()`: reads the noise
@@ -319,6 +327,9 @@ class AdaptiveBatchSize:
             raise UsageError(f"not an AdaptiveBatchSize state of version {STATE_VERSION} (got version "
                              f"{version!r}, missing {missing}); pass what state_dict() returned")
         self.batch_size = require_int("batch_size", state["batch_size"])
+        if self.batch_size % self.world_size:
+            raise UsageError(f"the saved batch_size={self.batch_size} does not split over "
+                             f"{self.world_size} ranks; resume on a world size that divides it")
         self.steps = require_int("steps", state["steps"], minimum=0)
         self.examples_seen = require_int("examples_seen", state["examples_seen"], minimum=0)
         self._lr_noise = state["lr_noise"]
@@ -331,6 +342,27 @@ class AdaptiveBatchSize:
             self._sampler.resume_at(*self._pending_position)
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _global_size(self, size: int) -> int:
+        """The global batch of this step: `size` on one process; under DDP the sampler's record
+        of the batch it cut, or - with another sampler - `size` on every rank, checked."""
+        if self.world_size == 1:
+            return size
+        if self._sampler is not None and self._sampler.drawn:
+            _, start, end = self._sampler.drawn[0]
+            return end - start
+        device = next(self.model.parameters()).device
+        if not _equal_across_ranks(size, device, self.group):
+            raise UsageError(f"the ranks hold different batch sizes this step (this one {size}); "
+                             "give every rank an equal share, e.g. with adaptive.batch_sampler()")
+        return size * self.world_size
+
+    def _to_draw(self) -> int | None:
+        """Examples the schedule still needs beyond those trained and those already drawn."""
+        if self.schedule is None or self._sampler is None:
+            return None
+        queued = sum(end - start for _, start, end in self._sampler.drawn)
+        return self.schedule.total_examples - self.examples_seen - queued
 
     def _decide(self) -> BatchDecision:
         """The policy's decision in global numbers; per device under DDP (class docstring)."""
@@ -353,9 +385,9 @@ class AdaptiveBatchSize:
             return count
         least = 2 if self.world_size == 1 else count
         equal_share = global_size % self.world_size == 0 and size == global_size // self.world_size
-        # Up to 4x the micro-batches needed, so that sizes with a small factor (3, 5, 7) still
-        # split evenly without making the measured step crawl.
-        for equal in range(max(least, count), min(size, 4 * max(2, count)) + 1):
+        # Up to twice the micro-batches needed: more would make the measured step crawl (and
+        # tiny micro-batches starve BatchNorm).
+        for equal in range(max(least, count), min(size, 2 * max(2, count)) + 1):
             if equal_share and size % equal == 0:
                 self._postponed_in_a_row = 0
                 return equal
@@ -367,6 +399,14 @@ class AdaptiveBatchSize:
                           f"measured; use batch sizes with small factors (e.g. powers of two)",
                           stacklevel=3)
         return count
+
+
+def _equal_across_ranks(size: int, device: torch.device, group: Any) -> bool:
+    """Whether every rank holds `size` examples this step (one tiny all-reduce; every rank gets
+    the same answer, so they raise, or go on, together)."""
+    extremes = torch.tensor([size, -size], dtype=torch.int64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    return int(extremes[0]) == -int(extremes[1])
 
 
 def _data_parallel(group: Any) -> tuple[int, int]:

@@ -39,10 +39,14 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             repeatable and a resumed run sees the same order.
         drop_last: drop an epoch's final batch when it is smaller than the size asked for.
         rank / world_size: this process's share of each global batch under data parallelism.
+        remaining: called before each batch for the examples the run still has to draw (None:
+            no limit); the batch is cut to it and the pass ends at 0, so a run of 2.5 epochs
+            stops half-way through its third pass.
     """
 
     def __init__(self, dataset_size: int, batch_size: Callable[[], int], *, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 remaining: Callable[[], int | None] | None = None) -> None:
         self.dataset_size = require_int("dataset_size", dataset_size)
         if not callable(batch_size):
             raise UsageError(f"batch_size={batch_size!r} must be a callable returning the current "
@@ -51,6 +55,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.remaining = remaining
         self.world_size = require_int("world_size", world_size)
         self.rank = require_int("rank", rank, minimum=0, maximum=self.world_size - 1)
         self.epoch = 0
@@ -72,7 +77,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.epoch = require_int("epoch", epoch, minimum=0)
         self._offset = require_int("offset", offset, minimum=0)
         self.drawn.clear()
-        if self.dataset_size - self._offset < (self.batch_size() if self.drop_last else 1):
+        if self.dataset_size - self._offset < (self.batch_size() if self.drop_last else self.world_size):
             self.epoch, self._offset = self.epoch + 1, 0
         self.passes_done = self.epoch
 
@@ -86,6 +91,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             end = min(start + size, self.dataset_size)
             if end - start < size and self.drop_last:
                 break
+            left = None if self.remaining is None else self.remaining()
+            if left is not None:
+                if left < self.world_size:
+                    return  # the run's examples are all drawn: not a finished pass
+                end = min(end, start + left)
             # Ranks take equal shares: a short final batch loses its last few (< world_size).
             end -= (end - start) % self.world_size
             if end == start:

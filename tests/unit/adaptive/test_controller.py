@@ -307,3 +307,30 @@ def test_with_a_grad_scaler_the_measured_sample_is_the_unscaled_one():
     scaled.step()
     assert scaled.monitor.tracker.g2_samples[-1] == pytest.approx(plain.monitor.tracker.g2_samples[-1], rel=1e-5)
     assert scaled.monitor.tracker.trace_samples[-1] == pytest.approx(plain.monitor.tracker.trace_samples[-1], rel=1e-5)
+
+
+def test_a_fractional_number_of_epochs_stops_where_the_schedule_ends():
+    x, y = linear_data()
+    model = linear_model()
+    total = 5 * N_EXAMPLES // 2  # 2.5 epochs
+    adaptive, optimizer = make(model, batch_size=48, schedule=ExampleSchedule(total_examples=total))
+    sampler = adaptive.batch_sampler(N_EXAMPLES)
+    sizes = []
+    while not adaptive.finished:
+        for indices in sampler:
+            sizes.append(len(indices))
+            run_step(adaptive, model, (x[indices], y[indices]))
+            optimizer.zero_grad()
+        assert len(sizes) < 100
+    assert adaptive.examples_seen == sum(sizes) == total
+    assert sizes[-2:] == [48, 32]  # the third pass: 48, then the 32 left of 400
+
+
+def test_a_single_process_counts_the_examples_it_is_handed_not_what_the_sampler_cut():
+    x, y = linear_data()
+    model = linear_model()
+    adaptive, optimizer = make(model, batch_size=8)
+    sampler = adaptive.batch_sampler(N_EXAMPLES)
+    indices = next(iter(sampler))
+    run_step(adaptive, model, (x[indices[:7]], y[indices[:7]]))  # a collate_fn dropped one
+    assert adaptive.examples_seen == 7

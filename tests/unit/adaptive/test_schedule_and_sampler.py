@@ -110,3 +110,10 @@ def test_ranks_take_disjoint_equal_shares_of_each_global_batch():
         assert not set(mine) & set(theirs)
     with pytest.raises(UsageError, match="rank=2"):
         AdaptiveBatchSampler(41, lambda: 16, rank=2, world_size=2)
+
+
+def test_a_resume_after_a_trimmed_final_batch_starts_the_next_epoch():
+    sampler = AdaptiveBatchSampler(103, lambda: 16, world_size=2, rank=0)
+    sampler.resume_at(0, 102)  # 103 examples: the final global batch was trimmed to end at 102
+    assert (sampler.epoch, sampler.passes_done) == (1, 1)
+    assert len(list(sampler)) == 7
