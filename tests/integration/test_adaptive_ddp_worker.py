@@ -3,17 +3,14 @@ module by name, so it stays light and free of pytest fixtures)."""
 
 from __future__ import annotations
 
-import gc
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gloo_group import gloo_process_group
 from batchscope.adaptive import AdaptiveBatchSize, BatchSizePolicy, ExampleSchedule
 from batchscope.analysis.throughput_model import fit_throughput_model
 from batchscope.errors import UsageError
@@ -27,20 +24,12 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, helpers: str) 
     sys.path.insert(0, helpers)
     from test_noise_problems import N_EXAMPLES, linear_data, linear_model
 
-    torch.set_num_threads(1)
-    if "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_process_group(rank, world, init_file):
         result = {"whole": _train(linear_model(), linear_data(), N_EXAMPLES, max_fit=64),
                   # 32 a rank with 16 fitting: two micro-batches a step, the first under no_sync.
                   "accumulated": _train(linear_model(), linear_data(), N_EXAMPLES, max_fit=16,
                                         start=64),
                   "unequal": _unequal_shares(linear_model(), linear_data(), rank)}
-        gc.collect()  # see test_noise_ddp_worker: DDP wrappers must go before the process group
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -4,10 +4,7 @@ module by name, so it stays light and free of pytest fixtures)."""
 from __future__ import annotations
 
 import copy
-import gc
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gloo_group import gloo_process_group
 from batchscope.probes.noise_ddp import DistributedGradientNoiseMonitor, all_reduce_gradients_with_noise
 from batchscope.probes.noise_online import NoiseTracker
 
@@ -41,26 +39,12 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, helpers: str) 
     sys.path.insert(0, helpers)
     from test_noise_problems import linear_model, linear_workload, mlp_workload
 
-    torch.set_num_threads(1)
-    # Keep gloo on the loopback interface: the test needs no network, only two local processes.
-    if "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_process_group(rank, world, init_file):
         results = {
             "linear_ddp": _ddp_monitor(linear_model(), linear_workload(), rank),
             "linear_explicit": _explicit(linear_model(), linear_workload(), rank),
             "mlp_ddp": _ddp_monitor(trained_mlp(mlp_workload()), mlp_workload(), rank),
         }
-        # Without this collection about one run in four aborted at interpreter exit, after the
-        # results were written ("terminate called without an active exception", torch 2.13 +
-        # gloo; 0 of 16 with it): the DDP wrappers sit in reference cycles and were otherwise
-        # torn down at shutdown, after the process group. The barrier lets both ranks finish
-        # before either tears the group down.
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
