@@ -113,6 +113,7 @@ class AdaptiveBatchSize:
         self.optimizer = optimizer
         self.policy = policy
         self.batch_size = require_int("batch_size", batch_size)
+        self.start_batch_size = self.batch_size
         self.base_batch_size = require_int("base_batch_size", base_batch_size)
         if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not base_lr > 0 \
                 or not math.isfinite(base_lr):
@@ -146,6 +147,8 @@ class AdaptiveBatchSize:
         self.steps = 0
         self.examples_seen = 0
         self.changes: list[dict[str, Any]] = []
+        # One entry per decision: where training was, what was measured, what the batch became.
+        self.history: list[dict[str, Any]] = []
         self.last_decision: BatchDecision | None = None
         self._step_batch: int | None = None
         self._sampler: AdaptiveBatchSampler | None = None
@@ -264,6 +267,11 @@ class AdaptiveBatchSize:
             return None
         decision = self._decide()
         self.last_decision = decision
+        self.history.append({"step": self.steps, "examples_seen": self.examples_seen,
+                             "noise_scale": decision.noise_scale, "optimum": decision.optimum,
+                             "batch_size": decision.batch_size,
+                             "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+                             "samples": self.monitor.tracker.samples})
         if decision.noise_scale is not None:
             self._lr_noise = decision.noise_scale
         if decision.changed:
@@ -308,6 +316,20 @@ class AdaptiveBatchSize:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def settings(self) -> dict[str, Any]:
+        """The run's settings, for its record."""
+        policy = self.policy
+        return {
+            "start_batch_size": self.start_batch_size, "lr_rule": self.lr_rule,
+            "base_batch_size": self.base_batch_size, "base_lr": self.base_lr,
+            "world_size": self.world_size, "measure_every": self.monitor.every,
+            "decide_every": self.decide_every, "min_samples": self.min_samples,
+            "max_growth": policy.max_growth, "min_gain": policy.min_gain,
+            "allow_shrink": policy.allow_shrink, "candidates": list(policy.candidates),
+            "max_fit_batch_size": policy.max_fit,
+            "schedule": None if self.schedule is None else dataclasses.asdict(self.schedule),
+        }
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -317,6 +339,7 @@ class AdaptiveBatchSize:
         return {"version": STATE_VERSION, "batch_size": self.batch_size, "steps": self.steps,
                 "examples_seen": self.examples_seen, "lr_noise": self._lr_noise,
                 "changes": [dict(change) for change in self.changes],
+                "history": [dict(entry) for entry in self.history],
                 "position": None if self._trained_through is None else list(self._trained_through)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -334,6 +357,7 @@ class AdaptiveBatchSize:
         self.examples_seen = require_int("examples_seen", state["examples_seen"], minimum=0)
         self._lr_noise = state["lr_noise"]
         self.changes = [dict(change) for change in state["changes"]]
+        self.history = [dict(entry) for entry in state.get("history", [])]
         position = state["position"]
         self._trained_through = self._pending_position = None if position is None else (
             require_int("position epoch", position[0], minimum=0),

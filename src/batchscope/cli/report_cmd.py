@@ -39,8 +39,13 @@ def command(
             result.predicted_batch_size = resolve_predicted(predicted)
         path = render_outputs(result, out_dir, title=f"batchscope sweep — {record.workload.get('name', '')}",
                               html_path=html)
+    elif record.kind == "adaptive":
+        from batchscope.report.adaptive_report import write_adaptive_report
+
+        path = write_adaptive_report(record, out_dir, html_path=html)
     else:
-        raise UsageError(f"run record kind {record.kind!r} has no report; reports exist for tune and sweep runs")
+        raise UsageError(f"run record kind {record.kind!r} has no report; reports exist for tune, "
+                         "sweep and adaptive runs")
     if json_out:
         print_json({"kind": record.kind, "report": str(path), "errors": record.errors,
                     "sections": sorted(record.sections)})
