@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path (tests)
 import tune_vs_reference as tvr  # noqa: E402  (the shared stages: warm-up, tune, plans, output)
 from batchscope import device as devices  # noqa: E402
-from batchscope.adaptive import AdaptiveBatchSize  # noqa: E402
+from batchscope.adaptive import AdaptiveBatchSize, save_adaptive_run  # noqa: E402
 from batchscope.guard import StateGuard  # noqa: E402
 from batchscope.oom import run_catching_oom  # noqa: E402
 from batchscope.record import environment_info  # noqa: E402
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-gain", type=float, default=None,
                         help="adaptive controller: the least predicted time-to-target saving "
                              "that moves the batch, e.g. 0.05 (default: the controller's)")
+    parser.add_argument("--adaptive-out", type=Path, default=None,
+                        help="directory for the adaptive run's own run.json and report.html")
     tvr.add_tune_and_train_arguments(
         parser, GPU, SMOKE, target_of="the fixed run's",
         smoke_help="small-cnn-cifar10 on the CPU, 2 epochs, 10 s budget (plumbing only)")
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                             on_eval=tvr.progress("fixed", epochs)))
     devices.release_memory(device)
     adaptive = run_adaptive(workload, tuned, epochs, args.seed, device, controller,
-                            on_eval=tvr.progress("adaptive", epochs))
+                            on_eval=tvr.progress("adaptive", epochs), out_dir=args.adaptive_out)
     keep("adaptive", adaptive)
     if args.with_reference:
         _, point, settings = plans[1]
@@ -217,9 +219,11 @@ class IndexedBatches:
 
 def run_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: int,
                  device: torch.device, controller: dict[str, Any],
-                 on_eval: Callable[[EvalPoint, TrialRecord], bool] | None = None) -> TrialRecord:
+                 on_eval: Callable[[EvalPoint, TrialRecord], bool] | None = None,
+                 out_dir: Path | None = None) -> TrialRecord:
     """Train a fresh model with `AdaptiveBatchSize.from_tune`; the record has the trial
-    runner's shape, with the controller's changes and decisions under `extra`."""
+    runner's shape, with the controller's changes and decisions under `extra`; with `out_dir`
+    the controller's own run record and report go there too."""
     rec = tuned.recommendation
     record = TrialRecord(key="adaptive", batch_size=rec.batch_size, lr_rule=rec.lr_rule,
                          learning_rate=rec.learning_rate, warmup_steps=rec.warmup_steps,
@@ -231,7 +235,7 @@ def run_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: int,
     with StateGuard(rng=True):
         outcome = run_catching_oom(
             lambda: _train_adaptive(workload, tuned, epochs, seed, device, controller, record,
-                                    on_eval), device)
+                                    on_eval, out_dir), device)
     if outcome.oom:
         record.outcome, record.message = "oom", outcome.message
     record.wall_seconds = time.perf_counter() - started
@@ -241,7 +245,8 @@ def run_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: int,
 
 def _train_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: int,
                     device: torch.device, controller: dict[str, Any], record: TrialRecord,
-                    on_eval: Callable[[EvalPoint, TrialRecord], bool] | None) -> None:
+                    on_eval: Callable[[EvalPoint, TrialRecord], bool] | None,
+                    out_dir: Path | None) -> None:
     rec = tuned.recommendation
     data = IndexedBatches(workload, device)
     record.extra["data"] = data.description
@@ -313,6 +318,8 @@ def _train_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: in
                             examples_seen=adaptive.examples_seen, finished=adaptive.finished,
                             noise_scale=adaptive.noise_scale)
         adaptive.close()
+        if out_dir is not None:
+            save_adaptive_run(adaptive, out_dir, workload=workload, device=device)
 
 
 # -- summary and output -------------------------------------------------------------------------

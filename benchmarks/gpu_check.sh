@@ -153,7 +153,8 @@ step_adaptive() {
     [[ ${ADAPTIVE_BF16:-1} == 1 && $SMOKE != 1 ]] && extra+=(--bf16)
     [[ -n ${ADAPTIVE_REFERENCE:-} && $SMOKE != 1 ]] && extra+=(--reference-metric "$ADAPTIVE_REFERENCE")
     run_step adaptive "${ADAPTIVE_S:-300}" "$PYTHON" benchmarks/adaptive_vs_fixed.py \
-        --out "$OUT/adaptive_vs_fixed.json" --tune-out "$WORK/adaptive-tune" "${extra[@]}"
+        --out "$OUT/adaptive_vs_fixed.json" --tune-out "$WORK/adaptive-tune" \
+        --adaptive-out "$WORK/adaptive-run" "${extra[@]}"
 }
 
 # needs_optuna STEP: true when optuna imports (carried wheels installed if needed); otherwise
