@@ -61,8 +61,8 @@ class AdaptiveBatchSize:
     """The loop helper of the module docstring.
 
     Args:
-        model / optimizer: what the loop trains; the optimizer's LR is set every `step()`
-            (param groups keep their LR ratios to the first group).
+        model / optimizer: what the loop trains; the optimizer's LR is set for every step in
+            `micro_batches` (param groups keep their LR ratios to the largest).
         policy: when and where to move the batch (`BatchSizePolicy`).
         batch_size: the global batch to start with (tune's recommendation).
         base_batch_size / base_lr: the batch and LR the workload was tuned at; the LR rule
@@ -141,19 +141,18 @@ class AdaptiveBatchSize:
                                                 ema_beta=ema_beta)
         self._lr_noise = noise_scale  # the noise scale AdaScale's gain uses; updated at decisions
         # Groups keep their LRs relative to the largest (a frozen group at 0 stays at 0).
-        largest = max(float(group["lr"]) for group in optimizer.param_groups)
-        self._group_ratios = [float(group["lr"]) / largest if largest > 0 else 1.0
-                              for group in optimizer.param_groups]
+        largest = max(float(param_group["lr"]) for param_group in optimizer.param_groups)
+        self._group_ratios = [float(param_group["lr"]) / largest if largest > 0 else 1.0
+                              for param_group in optimizer.param_groups]
         self.steps = 0
         self.examples_seen = 0
         self.changes: list[dict[str, Any]] = []
         # One entry per decision: where training was, what was measured, what the batch became.
         self.history: list[dict[str, Any]] = []
         self.last_decision: BatchDecision | None = None
-        self._step_batch: int | None = None
+        self._step_global: int | None = None  # the global batch of the step in progress
         self._sampler: AdaptiveBatchSampler | None = None
         self._trained_through: tuple[int, int] | None = None  # (epoch, end) of the last step
-        self._step_global: int | None = None
         self._pending_position: tuple[int, int] | None = None  # a resume before batch_sampler()
         self._postponed_in_a_row = 0
 
@@ -218,15 +217,14 @@ class AdaptiveBatchSize:
         list or dict of tensors sharing their first dimension (this rank's share under DDP).
         Sets this step's LR (from the global batch's size), so `optimizer.step()` may come
         before or after `step()`."""
-        if self._step_batch is not None:
+        if self._step_global is not None:
             raise UsageError("micro_batches() was called twice without step() in between: one "
                              "batch per optimizer step, then adaptive.step()")
         size = _batch_length(batch)
-        self._step_batch, self._step_global = size, self._global_size(size)
-        global_size = self._step_global
+        global_size = self._step_global = self._global_size(size)
         lr = self.learning_rate(global_size)
-        for group, ratio in zip(self.optimizer.param_groups, self._group_ratios):
-            group["lr"] = lr * ratio
+        for param_group, ratio in zip(self.optimizer.param_groups, self._group_ratios):
+            param_group["lr"] = lr * ratio
         count = self._micro_batch_count(size, global_size)
         if self.monitor.measuring:
             self.monitor.set_micro_batches(size // count, loss_multiplier=1.0 / count)
@@ -247,10 +245,10 @@ class AdaptiveBatchSize:
         sample, counts the examples, and every `decide_every` steps may change the batch size of
         the batches drawn next. Returns the decision on a deciding step, else None. Under DDP
         every rank must call it every step (a measured step is one collective)."""
-        if self._step_batch is None or self._step_global is None:
+        if self._step_global is None:
             raise UsageError("step() came before micro_batches(batch): run the step's backward "
                              "passes through adaptive.micro_batches(batch) first")
-        batch, self._step_batch, self._step_global = self._step_global, None, None
+        batch, self._step_global = self._step_global, None
         skipped = self.monitor.tracker.skipped
         measured = self.monitor.measuring
         sample = self.monitor.step()
