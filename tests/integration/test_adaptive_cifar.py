@@ -72,7 +72,10 @@ def test_adaptive_training_follows_tunes_plan_and_its_own_rules_on_real_cifar():
         gain = _time_to_target(result, previous, noise) / _time_to_target(result, new, noise) - 1
         assert gain >= 0.05 and math.isclose(change["predicted_gain"], gain, rel_tol=1e-9)
         previous = new
-    assert adaptive.monitor.tracker.samples >= 3 and adaptive.noise_scale > 0
+    assert adaptive.monitor.tracker.samples >= 3
+    # A smoothed |G|^2 lost in the noise (<= 0) gives no estimate, and then the batch stays.
+    last = adaptive.last_decision
+    assert (adaptive.noise_scale or 0) > 0 or last.reason == "no usable noise-scale estimate yet"
     # It trained: the last steps' loss is well below the first steps'.
     assert sum(losses[-20:]) / 20 < 0.9 * sum(losses[:20]) / 20
 
