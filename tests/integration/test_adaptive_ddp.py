@@ -32,7 +32,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 
-RUNS = ("whole", "accumulated")
+RUNS = ("whole", "accumulated", "affine")
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -46,7 +46,7 @@ def test_every_rank_takes_the_same_decisions_lrs_and_ends_with_the_same_weights(
     if run == "whole":  # overhead-only step time: the per-device batch doubles, 8 -> ... -> 64
         assert [c["batch_size"] for c in first["changes"]] == [32, 64, 128]
         assert [c["step"] for c in first["changes"]] == [4, 8, 12]
-    else:  # accumulating past what fits never pays, and the batch never shrinks
+    elif run == "accumulated":  # accumulating past what fits never pays, and it never shrinks
         assert first["changes"] == []
 
 
@@ -84,3 +84,20 @@ def test_accumulated_micro_batches_pair_with_the_global_batch_too(ranks):
 def test_unequal_shares_from_another_sampler_stop_every_rank_with_the_same_error(ranks):
     messages = [rank["unequal"] for rank in ranks]
     assert all("the ranks hold different batch sizes this step" in m for m in messages)
+
+
+def test_decisions_are_planned_per_device_against_the_noise_scale_over_the_ranks(ranks):
+    """Time to target of global B on W devices, (B + B_noise) t(B/W) / B, is per-device
+    b = B/W against B_noise / W: each decision's optimum, computed here from the formula."""
+    overhead, per_example = worker.AFFINE
+
+    def best(noise: float) -> int:
+        return min(worker.CANDIDATES,
+                   key=lambda b: ((overhead + per_example * b) * (b + noise) / b, b))
+
+    history = [h for h in ranks[0]["affine"]["history"] if h["noise_scale"]]
+    assert history
+    for entry in history:
+        assert entry["optimum"] == WORLD * best(entry["noise_scale"] / WORLD)
+    # Planning against the whole noise scale would have answered differently somewhere.
+    assert any(best(h["noise_scale"]) != best(h["noise_scale"] / WORLD) for h in history)

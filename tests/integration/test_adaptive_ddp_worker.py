@@ -18,6 +18,8 @@ from batchscope.errors import UsageError
 EPOCHS = 3
 START_BATCH = 16  # global: 8 a rank
 CANDIDATES = [4, 8, 16, 32, 64]  # per device
+OVERHEAD_ONLY = (1.0, 1e-6)  # step seconds = a + b * per-device batch: bigger is always faster
+AFFINE = (0.002, 1e-4)  # optimum per device sqrt(a B_noise / (W b)) = sqrt(10 B_noise)
 
 
 def run_rank(rank: int, world: int, init_file: str, out_dir: str, helpers: str) -> None:
@@ -29,15 +31,18 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, helpers: str) 
                   # 32 a rank with 16 fitting: two micro-batches a step, the first under no_sync.
                   "accumulated": _train(linear_model(), linear_data(), N_EXAMPLES, max_fit=16,
                                         start=64),
+                  # An affine step time, where the per-device plan (B_noise / W) matters.
+                  "affine": _train(linear_model(), linear_data(), N_EXAMPLES, max_fit=64,
+                                   step_time=AFFINE),
                   "unequal": _unequal_shares(linear_model(), linear_data(), rank)}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _adaptive(ddp, max_fit: int, dataset_size: int, start: int = START_BATCH):
+def _adaptive(ddp, max_fit: int, dataset_size: int, start: int = START_BATCH,
+              step_time: tuple[float, float] = OVERHEAD_ONLY):
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
-    # Step time all overhead: the larger the per-device batch, the faster to target.
-    sizes = [4, 8, 16, 32, 64]
-    step_time = fit_throughput_model(sizes, [1.0 + 1e-6 * m for m in sizes])
+    overhead, per_example = step_time
+    step_time = fit_throughput_model(CANDIDATES, [overhead + per_example * m for m in CANDIDATES])
     policy = BatchSizePolicy(step_time, CANDIDATES, max_fit_batch_size=max_fit, reference_batch_size=16)
     adaptive = AdaptiveBatchSize(ddp, optimizer, policy, batch_size=start, base_batch_size=16,
                                  base_lr=0.01, schedule=ExampleSchedule(EPOCHS * dataset_size),
@@ -60,10 +65,11 @@ def _unequal_shares(model, data, rank: int) -> str:
     return "no error"
 
 
-def _train(model, data, dataset_size: int, max_fit: int, start: int = START_BATCH) -> dict:
+def _train(model, data, dataset_size: int, max_fit: int, start: int = START_BATCH,
+           step_time: tuple[float, float] = OVERHEAD_ONLY) -> dict:
     x, y = data
     ddp = DistributedDataParallel(model)
-    adaptive, optimizer = _adaptive(ddp, max_fit, dataset_size, start)
+    adaptive, optimizer = _adaptive(ddp, max_fit, dataset_size, start, step_time)
     sampler = adaptive.batch_sampler(dataset_size, seed=3)
     steps = []
     while not adaptive.finished:
@@ -77,7 +83,7 @@ def _train(model, data, dataset_size: int, max_fit: int, start: int = START_BATC
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     adaptive.close()
-    return {"steps": steps, "changes": adaptive.changes, "max_fit": max_fit, "examples_seen": adaptive.examples_seen,
+    return {"steps": steps, "changes": adaptive.changes, "history": adaptive.history, "max_fit": max_fit, "examples_seen": adaptive.examples_seen,
             "noise_scale": adaptive.noise_scale, "world_size": adaptive.world_size,
             "params": [p.detach().reshape(-1).tolist() for p in model.parameters()]}
 
