@@ -173,7 +173,7 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
     if evidence.has_batchnorm:
         caveats.append(
             f"The model has BatchNorm: batches below {BATCHNORM_MIN_PER_DEVICE} per device were "
-            f"not considered (noisy batch statistics), even where they would be faster."
+            f"neither measured nor considered (noisy batch statistics)."
         )
     if evidence.has_batchnorm and per_device < BATCHNORM_MIN_PER_DEVICE:
         caveats.append(

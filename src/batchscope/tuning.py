@@ -91,6 +91,9 @@ class TuneResult:
     steps_per_epoch: int | None = None
     # The step-time model fitted to the throughput probe (the plan's and the adaptive mode's).
     step_time: Any = None
+    # Every batch the "time" plan could pick (the "examples" target keeps those below 10% of
+    # the noise scale); the adaptive mode re-plans over them as the noise scale grows.
+    candidates: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return self.record.to_dict()
@@ -248,7 +251,8 @@ def tune(
         write_tune_report(record, out)
     return TuneResult(recommendation, plan, memory, throughput, noise, record, out, seconds,
                       evidence=evidence, optimizer_family=family, target=target,
-                      steps_per_epoch=steps_per_epoch or None, step_time=step_time)
+                      steps_per_epoch=steps_per_epoch or None, step_time=step_time,
+                      candidates=tuple(_candidates(resolved, throughput, limit, "time", None, floor)))
 
 
 # -- stages' details -----------------------------------------------------------------------------

@@ -144,6 +144,7 @@ class AdaptiveBatchSize:
         largest = max(float(param_group["lr"]) for param_group in optimizer.param_groups)
         self._group_ratios = [float(param_group["lr"]) / largest if largest > 0 else 1.0
                               for param_group in optimizer.param_groups]
+        self.dataset_size: int | None = None  # an epoch's examples, when from_tune planned them
         self.steps = 0
         self.examples_seen = 0
         self.changes: list[dict[str, Any]] = []
@@ -172,13 +173,15 @@ class AdaptiveBatchSize:
             raise UsageError("the workload has no dataset_size; pass dataset_size=len(train_set)")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
             raise UsageError(f"epochs={epochs!r} must be a positive number of epochs to train")
-        from batchscope.tuning import MAX_ACCUMULATION
+        from batchscope.tuning import EXAMPLES_SLACK, MAX_ACCUMULATION
 
         policy = BatchSizePolicy(
-            result.step_time, [point.batch_size for point in result.plan.curve],
+            result.step_time,
+            result.candidates or [point.batch_size for point in result.plan.curve],
             max_fit_batch_size=result.memory.recommended_batch_size,
             reference_batch_size=rec.base_batch_size,
             max_accumulation=max(MAX_ACCUMULATION, rec.grad_accumulation),
+            examples_slack=EXAMPLES_SLACK if result.target == "examples" else None,
             **{k: options.pop(k) for k in ("max_growth", "min_gain", "allow_shrink") if k in options})
         size = require_int("dataset_size", size)
         # The longer of the rule's warmup and the workload's own, as sweeps' schedules take it.
@@ -195,15 +198,22 @@ class AdaptiveBatchSize:
             noise = result.plan.noise_scale
             optimum = policy.decide(rec.batch_size, None if noise is None else noise / world).optimum
             start = world * (optimum or rec.batch_size)
-        return cls(model, optimizer, policy, batch_size=start,
-                   base_batch_size=rec.base_batch_size, base_lr=rec.base_learning_rate,
-                   lr_rule=rec.lr_rule, schedule=schedule, **options)
+        adaptive = cls(model, optimizer, policy, batch_size=start,
+                       base_batch_size=rec.base_batch_size, base_lr=rec.base_learning_rate,
+                       lr_rule=rec.lr_rule, schedule=schedule, **options)
+        adaptive.dataset_size = size
+        return adaptive
 
     # -- the loop's calls ------------------------------------------------------------------------
 
     def batch_sampler(self, dataset_size: int, *, shuffle: bool = True, seed: int = 0,
                       drop_last: bool = False) -> AdaptiveBatchSampler:
         """A `DataLoader(batch_sampler=...)` that draws batches of the current size."""
+        if self.dataset_size is not None and dataset_size != self.dataset_size:
+            raise UsageError(
+                f"batch_sampler(dataset_size={dataset_size}) but the schedule was planned for "
+                f"epochs of {self.dataset_size} examples; pass dataset_size=len(train_set) to "
+                f"from_tune (tune may have run on a subset)")
         self._sampler = AdaptiveBatchSampler(dataset_size, lambda: self.batch_size, shuffle=shuffle,
                                              seed=seed, drop_last=drop_last, rank=self.rank,
                                              world_size=self.world_size, remaining=self._to_draw)

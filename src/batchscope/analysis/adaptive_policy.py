@@ -66,6 +66,9 @@ class BatchSizePolicy:
         max_fit_batch_size: the largest micro-batch that fits; larger batches are accumulated.
         reference_batch_size: the batch the workload's LR was tuned at (plan times are relative
             to it; it does not limit the policy).
+        examples_slack: tune's "examples" target: only batches up to this share of the noise
+            scale measured now (examples to target within 1 + slack of the minimum) are
+            candidates, so the batch grows as the noise scale does; None for the "time" target.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class BatchSizePolicy:
         max_growth: float = 2.0,
         min_gain: float = 0.05,
         allow_shrink: bool = False,
+        examples_slack: float | None = None,
     ) -> None:
         self.step_time = step_time
         self.candidates = sorted({positive_int("candidate batch size", c) for c in candidates})
@@ -95,6 +99,8 @@ class BatchSizePolicy:
             raise UsageError(f"min_gain={min_gain!r} must be a fraction in [0, 1), e.g. 0.05")
         self.min_gain = float(min_gain)
         self.allow_shrink = bool(allow_shrink)
+        self.examples_slack = None if examples_slack is None else positive_number(
+            "examples_slack", examples_slack)
 
     def decide(self, current: int, noise_scale: float | None) -> BatchDecision:
         """The batch to use from now on, given the batch in use and the noise scale measured now."""
@@ -103,7 +109,7 @@ class BatchSizePolicy:
         if noise is None:
             return self._keep(current, None, None, "no usable noise-scale estimate yet")
         plan = plan_batch_size(
-            sorted({*self.candidates, current}), self.step_time, noise,
+            sorted({*self._eligible(noise), current}), self.step_time, noise,
             max_fit_batch_size=self.max_fit, reference_batch_size=self.reference,
             max_accumulation=max(self.max_accumulation, math.ceil(current / self.max_fit)))
         times = {p.batch_size: p.relative_time for p in plan.curve if p.relative_time is not None}
@@ -132,6 +138,11 @@ class BatchSizePolicy:
             predicted_gain=gain,
             reason=f"noise scale {noise:.0f}: batch {step_to} is predicted {gain:.1%} faster to "
                    f"target than {current} (optimum {optimum})")
+
+    def _eligible(self, noise: float) -> list[int]:
+        if self.examples_slack is None:
+            return self.candidates
+        return [c for c in self.candidates if c <= self.examples_slack * noise] or self.candidates[:1]
 
     def split(self, batch_size: int) -> tuple[int, int]:
         """(micro_batch_size, accumulation) for a global batch: the fewest micro-batches that fit."""

@@ -265,7 +265,7 @@ def test_adascale_follows_the_latest_measured_noise_scale():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (noise / 16 + 1) / (noise / 64 + 1))
 
 
-def _tune_result(warmup_steps: int, warmup_epochs: float):
+def _tune_result(warmup_steps: int, warmup_epochs: float, target: str = "time"):
     """The parts of a TuneResult that from_tune reads (a real one: tests/integration)."""
     from types import SimpleNamespace
 
@@ -275,7 +275,7 @@ def _tune_result(warmup_steps: int, warmup_epochs: float):
                          learning_rate=0.02, lr_rule="linear", warmup_steps=warmup_steps,
                          predicted_speedup_vs_reference=1.5, base_batch_size=16, base_learning_rate=0.01)
     return SimpleNamespace(
-        recommendation=rec, step_time=step_time(),
+        recommendation=rec, step_time=step_time(), candidates=tuple(CANDIDATES), target=target,
         plan=SimpleNamespace(curve=[SimpleNamespace(batch_size=b) for b in CANDIDATES], noise_scale=40.0),
         memory=SimpleNamespace(recommended_batch_size=64),
         record=SimpleNamespace(workload={"dataset_size": N_EXAMPLES, "schedule": "cosine",
@@ -334,3 +334,23 @@ def test_a_single_process_counts_the_examples_it_is_handed_not_what_the_sampler_
     indices = next(iter(sampler))
     run_step(adaptive, model, (x[indices[:7]], y[indices[:7]]))  # a collate_fn dropped one
     assert adaptive.examples_seen == 7
+
+
+def test_from_tune_with_the_examples_target_grows_as_the_noise_scale_allows():
+    model = linear_model()
+    adaptive = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0, target="examples"), model,
+                                           torch.optim.SGD(model.parameters(), lr=0.1), epochs=1)
+    assert adaptive.policy.examples_slack == 0.1 and adaptive.policy.candidates == CANDIDATES
+    # Batches up to 10% of the noise scale keep examples within 10% of the minimum.
+    assert adaptive.policy.decide(32, 400.0).batch_size == 32  # 64 > 40
+    assert adaptive.policy.decide(32, 700.0).batch_size == 64
+    assert adaptive.policy.decide(16, 10_000.0).batch_size == 32  # 2x a change at most
+
+
+def test_a_sampler_over_another_dataset_size_than_the_schedules_is_refused():
+    model = linear_model()
+    adaptive = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model,
+                                           torch.optim.SGD(model.parameters(), lr=0.1), epochs=2)
+    with pytest.raises(UsageError, match="batch_sampler\\(dataset_size=1000\\) but the schedule was planned "
+                                         "for epochs of 160 examples"):
+        adaptive.batch_sampler(1000)
