@@ -210,7 +210,7 @@ def tune(
     record.sections["noise"] = {**noise.to_dict(), "plan": dataclasses.asdict(noise_plan)}
 
     noise_value = _usable_noise(noise)
-    plan = plan_for(noise_value)
+    plan = _at_the_floor(plan_for(noise_value), floor)
     record.sections["goodput"] = plan.to_dict()
     if resolved.data_loader is not None:
         pipeline = stage("input pipeline check", lambda: _check_data_path(
@@ -351,6 +351,16 @@ def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: 
         sample_efficient = {s for s in sizes if s <= EXAMPLES_SLACK * noise}
         sizes = sample_efficient or {min(sizes)}
     return sorted(sizes)
+
+
+def _at_the_floor(plan: GoodputPlan, floor: int) -> GoodputPlan:
+    """At the BatchNorm floor the plan's "a smaller batch might be faster" is beside the point:
+    smaller batches were ruled out, not missed. Say that instead."""
+    if floor <= 1 or plan.batch_size != floor:
+        return plan
+    notes = [note for note in plan.notes if not note.startswith("the optimum is the smallest candidate")]
+    notes.append(f"the optimum is the BatchNorm floor ({floor}): smaller batches were ruled out")
+    return dataclasses.replace(plan, notes=tuple(notes))
 
 
 def _largest_useful_batch(workload: Workload) -> int | None:

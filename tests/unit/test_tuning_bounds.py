@@ -28,3 +28,17 @@ def test_the_plan_never_goes_past_the_bound_even_with_accumulation():
     # 1000 fits; accumulation could reach 16,000, the dataset 50,000: the bound is 5,000.
     sizes = tuning._candidates(workload, throughput, 1000, "time", None, floor=32)
     assert max(sizes) == 4096 and 128 in sizes and 1000 in sizes and min(sizes) == 32
+
+
+def test_a_plan_at_the_batchnorm_floor_says_smaller_batches_were_ruled_out_not_missed():
+    from batchscope.analysis.goodput import plan_batch_size
+    from batchscope.analysis.throughput_model import fit_throughput_model
+    from batchscope.tuning import _at_the_floor
+
+    model = fit_throughput_model([32, 64, 128], [0.010, 0.020, 0.040])  # throughput flat
+    plan = plan_batch_size([32, 64, 128], model, 10.0, max_fit_batch_size=128, reference_batch_size=64)
+    assert plan.batch_size == 32 and any("smallest candidate" in n for n in plan.notes)
+    at_floor = _at_the_floor(plan, 32)
+    assert not any("smallest candidate" in n for n in at_floor.notes)
+    assert "the optimum is the BatchNorm floor (32): smaller batches were ruled out" in at_floor.notes
+    assert _at_the_floor(plan, 1) is plan and _at_the_floor(plan, 16) is plan
