@@ -46,7 +46,6 @@ nothing.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ from batchscope.step import (  # noqa: E402
     build_model, forward_backward, needs_grad_scaler, optimizer_step)
 from batchscope.sweep.grid import GridPoint  # noqa: E402
 # The trial runner's own burn-in and seeding: the adaptive run starts exactly as the fixed one.
-from batchscope.sweep.trial import burn_in, seed_everything, run_trial  # noqa: E402
+from batchscope.sweep.trial import burn_in, evaluate_into, run_trial, seed_everything  # noqa: E402
 from batchscope.sweep.trial_record import (  # noqa: E402
     EvalPoint, TrialRecord, TrialSettings, apply_target, summarise)
 from batchscope.tuning import TuneResult  # noqa: E402
@@ -296,19 +295,11 @@ def _train_adaptive(workload: Workload, tuned: TuneResult, epochs: int, seed: in
             record.steps_done = record.total_steps = adaptive.steps
             record.samples_seen, record.train_seconds = adaptive.examples_seen, train_seconds
             record.extra["epoch_end_batch_sizes"].append(adaptive.batch_size)
-            mean_loss = float(loss_sum.item()) / loss_steps if loss_steps else None
-            if mean_loss is not None and not math.isfinite(mean_loss):
-                record.outcome = "diverged"
-                record.message = f"training loss became non-finite before step {adaptive.steps}"
+            point = evaluate_into(record, workload, model, device, loss_sum, loss_steps,
+                                  index=epoch + 1, epoch=float(epoch + 1), step=adaptive.steps)
+            if point is None:
                 return
-            metric = float(workload.evaluate(model, device))
-            model.train()
-            loss_sum.zero_()
             loss_steps = 0
-            point = EvalPoint(index=epoch + 1, epoch=float(epoch + 1), step=adaptive.steps,
-                              samples_seen=adaptive.examples_seen, train_seconds=train_seconds,
-                              metric=metric, train_loss=mean_loss)
-            record.curve.append(point)
             if on_eval is not None:
                 on_eval(point, record)  # progress only: a benchmark run is never pruned
                 if adaptive.batch_size != shown_batch:

@@ -162,25 +162,12 @@ def _train(
                 train_seconds += time.perf_counter() - clock
                 record.steps_done, record.samples_seen = step, step * point.batch_size
                 record.train_seconds = train_seconds
-                mean_loss = float(loss_sum.item()) / loss_steps if loss_steps else None
-                if mean_loss is not None and not math.isfinite(mean_loss):
-                    record.outcome = "diverged"
-                    record.message = f"training loss became non-finite before step {step}"
+                evaluation = evaluate_into(record, workload, model, device, loss_sum, loss_steps,
+                                           index=next_eval + 1, step=step,
+                                           epoch=(next_eval + 1) / settings.evals_per_epoch)
+                if evaluation is None:
                     return
-                metric = float(workload.evaluate(model, device))
-                model.train()
-                loss_sum.zero_()
                 loss_steps = 0
-                evaluation = EvalPoint(
-                    index=next_eval + 1,
-                    epoch=(next_eval + 1) / settings.evals_per_epoch,
-                    step=step,
-                    samples_seen=record.samples_seen,
-                    train_seconds=train_seconds,
-                    metric=metric,
-                    train_loss=mean_loss,
-                )
-                record.curve.append(evaluation)
                 next_eval += 1
                 if on_eval is not None and on_eval(evaluation, record):
                     record.outcome = "pruned"
@@ -202,6 +189,27 @@ def _micro_batch_size(point: GridPoint, settings: TrialSettings) -> int | None:
     """The micro-batch when this point's batch exceeds the sweep's largest forward pass."""
     limit = settings.max_micro_batch_size
     return limit if limit is not None and point.batch_size > limit else None
+
+
+def evaluate_into(record: TrialRecord, workload: Workload, model: torch.nn.Module, device: torch.device,
+                  loss_sum: torch.Tensor, loss_steps: int, *, index: int, epoch: float,
+                  step: int) -> EvalPoint | None:
+    """One evaluation of a run, appended to `record.curve` at the record's samples and seconds:
+    the mean training loss since the last one (non-finite: the run is marked diverged and None
+    comes back), then the workload's metric, the model back in train mode and `loss_sum` zeroed
+    (the caller restarts its step count)."""
+    mean_loss = float(loss_sum.item()) / loss_steps if loss_steps else None
+    if mean_loss is not None and not math.isfinite(mean_loss):
+        record.outcome = "diverged"
+        record.message = f"training loss became non-finite before step {step}"
+        return None
+    metric = float(workload.evaluate(model, device))
+    model.train()
+    loss_sum.zero_()
+    evaluation = EvalPoint(index=index, epoch=epoch, step=step, samples_seen=record.samples_seen,
+                           train_seconds=record.train_seconds, metric=metric, train_loss=mean_loss)
+    record.curve.append(evaluation)
+    return evaluation
 
 
 def burn_in(workload: Workload, point: GridPoint, device: torch.device, lr: float,
