@@ -1,0 +1,255 @@
+"""A LightningModule and its data, as a batchscope `Workload`.
+
+Lightning's own batch-size finder answers "what fits" by running `trainer.fit` on growing
+batches; batchscope needs the pieces of the training job instead (a fresh model, an optimizer
+at a chosen LR, the loss of a batch, batches of any size), and the module already holds them:
+
+- the model is a deep copy of the module (Lightning drops the trainer from copies), so tuning
+  never trains, moves or switches the mode of the user's module;
+- the optimizer is the copy's own `configure_optimizers()`: its class, hyper-parameters and
+  param groups (say, no weight decay on biases) are kept, every group's LR scaled by the same
+  factor, so the LR batchscope chooses is the largest group's; schedulers are dropped
+  (batchscope plans its own schedule: the workload's `schedule`, cosine unless said);
+- the loss is the copy's `training_step(batch, 0)` (a tensor, or a dict's "loss"); `self.log`
+  calls in it are quietly skipped, as there is no trainer;
+- batches come from the train DataLoader's dataset and collate function, at the size asked,
+  and its real pipeline (workers, collate) is what the input-pipeline check times.
+
+    import batchscope.lightning
+    result = batchscope.lightning.tune(MyModule(), MyDataModule(), budget_s=120, out_dir="runs/t")
+    print(result.recommendation.batch_size, result.recommendation.learning_rate)
+
+The same workload goes on the CLI through an entry point: a function returning
+`batchscope.lightning.workload(MyModule(), MyDataModule())`, then
+`batchscope tune --workload mypkg.tune:make_workload`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from batchscope.errors import UsageError
+from batchscope.lightning._import import import_lightning
+from batchscope.workload import Workload
+
+# Lightning warns on every `self.log` outside a trainer; tuning has no trainer by design.
+_NO_TRAINER_LOG_WARNING = r".*self\.log\(\).*trainer.*"
+
+
+def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoader | None = None,
+             reference_batch_size: int | None = None, reference_lr: float | None = None,
+             name: str | None = None, **options: Any) -> Workload:
+    """The training job of `module` (a LightningModule) on `datamodule`'s train data (or on
+    `train_dataloader`), as a `Workload`.
+
+    Args:
+        reference_batch_size: the batch trained with today; default: the train loader's.
+        reference_lr: the LR at that batch; default: the largest param group's LR in
+            `configure_optimizers()`.
+        options: further `Workload` fields (e.g. `evaluate`, `schedule`, `warmup_epochs`,
+            `autocast_dtype`, `optimizer_family`).
+
+    `datamodule.setup("fit")` runs once, as `Trainer.fit` would, when the datamodule is given.
+    """
+    pl = import_lightning()
+    if not isinstance(module, pl.LightningModule):
+        raise UsageError(f"module={type(module).__name__} is not a lightning.pytorch.LightningModule; "
+                         "for a plain nn.Module use batchscope.Workload.from_objects")
+    if type(module).training_step is pl.LightningModule.training_step:
+        raise UsageError(f"{type(module).__name__} does not implement training_step; batchscope "
+                         "takes the loss from it")
+    if not module.automatic_optimization:
+        raise UsageError(f"{type(module).__name__} uses manual optimization, so its training_step "
+                         "steps the optimizer itself; pass loss=lambda model, batch: <the loss> to "
+                         "batchscope.lightning.workload")
+    loader = _train_loader(datamodule, train_dataloader)
+    dataset = loader.dataset
+    user_loss = options.pop("loss", None)
+    user_optimizer = options.pop("build_optimizer", None)
+    if user_optimizer is not None:
+        if reference_lr is None:
+            raise UsageError("with build_optimizer=... pass reference_lr=<the LR you train with at "
+                             "the reference batch>")
+        probe_optimizer, largest_lr = None, float(reference_lr)
+    else:
+        probe_optimizer = _configured_optimizer(module)
+        largest_lr = max(_base_lr(group) for group in probe_optimizer.param_groups)
+    if reference_batch_size is None:
+        if loader.batch_size is None:
+            raise UsageError("the train DataLoader has no batch_size (it uses a batch_sampler); "
+                             "pass reference_batch_size=<the batch you train with>")
+        reference_batch_size = loader.batch_size
+    copies: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+
+    def build_model(device: torch.device) -> nn.Module:
+        model = copy.deepcopy(module).to(device)
+        copies[id(next(model.parameters(), None))] = model
+        return model.train()
+
+    def build_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        params = list(params)
+        owner = copies.get(id(params[0])) if params else None
+        optimizer = _configured_optimizer(owner) if owner is not None else None
+        if optimizer is None or _param_ids(optimizer) != {id(p) for p in params}:
+            # Not one of our copies' full parameter set: the class and hyper-parameters, one group.
+            optimizer = type(probe_optimizer)(params, **probe_optimizer.defaults)
+            optimizer.param_groups[0]["lr"] = largest_lr
+        for group in optimizer.param_groups:
+            # A scheduler built in configure_optimizers has moved "lr" to its first value and
+            # kept the base in "initial_lr"; the base is what scales, and a later scheduler
+            # must record its own base.
+            group["lr"] = lr * (_base_lr(group) / largest_lr)  # exactly lr for the largest
+            group.pop("initial_lr", None)
+        return optimizer
+
+    def make_batch(batch_size: int, device: torch.device, generator: torch.Generator) -> Any:
+        indices = torch.randperm(len(dataset), generator=generator)[:batch_size]
+        return _to_device(loader.collate_fn([dataset[int(i)] for i in indices]), device)
+
+    def batch_at(indices: torch.Tensor, device: torch.device, generator: torch.Generator) -> Any:
+        return _to_device(loader.collate_fn([dataset[int(i)] for i in indices]), device)
+
+    def epoch_batches(batch_size: int, device: torch.device, seed: int) -> Iterator[Any]:
+        shuffled = _loader_like(loader, batch_size, seed=seed)
+        return (_to_device(batch, device) for batch in shuffled)
+
+    def data_loader(batch_size: int, device: torch.device) -> Iterator[Any]:
+        # Endless: the input-pipeline check takes what it needs.
+        return (_to_device(batch, device) for epoch in itertools.count()
+                for batch in _loader_like(loader, batch_size, seed=epoch))
+
+    optimizer_class = type(probe_optimizer) if probe_optimizer is not None else None
+    family = "adam" if "adam" in getattr(optimizer_class, "__name__", "").lower() else "sgd"
+    return Workload(
+        name=name or type(module).__name__,
+        build_model=build_model,
+        build_optimizer=user_optimizer or build_optimizer,
+        loss=user_loss or _training_step_loss,
+        make_batch=make_batch,
+        reference_batch_size=reference_batch_size,
+        reference_lr=largest_lr if reference_lr is None else reference_lr,
+        epoch_batches=epoch_batches,
+        data_loader=data_loader,
+        batch_at=batch_at,
+        dataset_size=len(dataset),
+        optimizer_family=options.pop("optimizer_family", family),
+        description=options.pop("description", f"LightningModule {type(module).__qualname__}"),
+        **options,
+    )
+
+
+def tune(module: Any, datamodule: Any = None, *, train_dataloader: DataLoader | None = None,
+         reference_batch_size: int | None = None, reference_lr: float | None = None,
+         workload_options: Mapping[str, Any] | None = None, **tune_options: Any) -> Any:
+    """`batchscope.tune` on `workload(module, datamodule, ...)`; `tune_options` are tune's
+    (`budget_s`, `device`, `target`, `out_dir`, ...). Returns the `TuneResult`."""
+    from batchscope.tuning import tune as run_tune
+
+    job = workload(module, datamodule, train_dataloader=train_dataloader,
+                   reference_batch_size=reference_batch_size, reference_lr=reference_lr,
+                   **dict(workload_options or {}))
+    return run_tune(job, **tune_options)
+
+
+def _train_loader(datamodule: Any, train_dataloader: DataLoader | None) -> DataLoader:
+    if (datamodule is None) == (train_dataloader is None):
+        raise UsageError("pass exactly one of datamodule=<LightningDataModule> or "
+                         "train_dataloader=<DataLoader>")
+    if train_dataloader is None:
+        if not callable(getattr(datamodule, "train_dataloader", None)):
+            raise UsageError(f"datamodule={type(datamodule).__name__} has no train_dataloader(); "
+                             "pass a LightningDataModule or train_dataloader=<DataLoader>")
+        # What Trainer.fit does before it asks for the loader.
+        datamodule.prepare_data()
+        datamodule.setup(stage="fit")
+        train_dataloader = datamodule.train_dataloader()
+    if not isinstance(train_dataloader, DataLoader):
+        raise UsageError(f"the train dataloader is a {type(train_dataloader).__name__}, not one "
+                         "torch DataLoader; batchscope draws batches from one DataLoader's dataset")
+    dataset = train_dataloader.dataset
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset, Dataset) \
+            or not hasattr(dataset, "__len__"):
+        raise UsageError(f"the train dataset is a {type(dataset).__name__}: batchscope needs a "
+                         "map-style dataset with __len__ (it draws batches of any size by index)")
+    if len(dataset) < 2:
+        raise UsageError(f"the train dataset has {len(dataset)} example(s); batchscope needs data "
+                         "to draw batches from")
+    return train_dataloader
+
+
+def _configured_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+    """The single optimizer of `module.configure_optimizers()` (schedulers dropped)."""
+    from lightning.pytorch.core.optimizer import _configure_optimizers
+
+    try:
+        optimizers, _, _ = _configure_optimizers(module.configure_optimizers())
+    except RuntimeError as exc:
+        if "not attached to a `Trainer`" not in str(exc):
+            raise
+        raise UsageError(f"{type(module).__name__}.configure_optimizers() uses self.trainer, which "
+                         "tuning does not run; pass build_optimizer=lambda params, lr: <optimizer> "
+                         "to batchscope.lightning.workload") from None
+    if len(optimizers) != 1 or not isinstance(optimizers[0], torch.optim.Optimizer):
+        raise UsageError(f"{type(module).__name__}.configure_optimizers() returned "
+                         f"{len(optimizers)} optimizers; batchscope tunes one, pass "
+                         "build_optimizer=lambda params, lr: <optimizer>")
+    return optimizers[0]
+
+
+def _training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The loss `training_step` returns (batchscope runs backward and step itself)."""
+    lightning_module = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
+    step = lightning_module.training_step
+    takes_index = len(inspect.signature(step).parameters) >= 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_TRAINER_LOG_WARNING)
+        try:
+            output = step(batch, 0) if takes_index else step(batch)
+        except RuntimeError as exc:
+            if "not attached to a `Trainer`" not in str(exc):
+                raise
+            raise UsageError(f"{type(lightning_module).__name__}.training_step uses self.trainer, "
+                             "which tuning does not run; pass loss=lambda model, batch: <the loss> "
+                             "to batchscope.lightning.workload") from None
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise UsageError(f"{type(lightning_module).__name__}.training_step returned "
+                         f"{type(output).__name__}, not a scalar loss (or a dict with 'loss'); "
+                         "batchscope needs the loss of every batch")
+    return loss.reshape(())
+
+
+def _loader_like(loader: DataLoader, batch_size: int, *, seed: int) -> DataLoader:
+    """The user's loader (dataset, collate, workers, pinning) at another batch size, shuffled
+    by `seed`, the last partial batch dropped (every step is a full batch)."""
+    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                      collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory,
+                      generator=torch.Generator().manual_seed(int(seed)))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
+
+
+def _base_lr(group: Mapping[str, Any]) -> float:
+    return float(group.get("initial_lr", group["lr"]))
+
+
+def _param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+__all__ = ["workload", "tune"]

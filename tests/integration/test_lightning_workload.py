@@ -1,0 +1,215 @@
+"""`batchscope.lightning.workload` / `tune` on a real LightningModule and LightningDataModule
+(a small CNN on a real CIFAR-10 subset): the workload is the module's own job, tuning leaves
+the user's module exactly as it was, and what batchscope cannot use is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import batchscope.lightning as bl  # noqa: E402
+from batchscope.errors import UsageError  # noqa: E402
+from batchscope.workloads.cifar10_data import find_archive  # noqa: E402
+from batchscope.workloads.cifar_source import CifarSource  # noqa: E402
+from batchscope.workloads.models import small_cnn  # noqa: E402
+
+TRAIN_SIZE = 2_000
+LR = 0.05
+
+
+def _cifar_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = CifarSource(find_archive(), size, 100).host("train")
+    x = torch.tensor(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.25)
+    return x, torch.tensor(labels)
+
+
+def _distinct(images: torch.Tensor) -> int:
+    return len({image.numpy().tobytes() for image in images})
+
+
+class CifarModule(pl.LightningModule):
+    """What a Lightning user writes: logs from training_step, returns a dict, configures two
+    param groups (no weight decay on biases) and a scheduler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return {"loss": loss, "examples": len(y)}
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.named_parameters() if not n.endswith("bias")]
+        no_decay = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
+                                     {"params": no_decay, "weight_decay": 0.0, "lr": LR / 2}],
+                                    lr=LR, momentum=0.9)
+        # Its first value is LR / 10: the base is what batchscope must read.
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+        return {"optimizer": optimizer, "lr_scheduler": warmup}
+
+
+class CifarData(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 64) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.setup_calls = 0
+
+    def setup(self, stage: str) -> None:
+        self.setup_calls += 1
+        self.train_set = TensorDataset(*_cifar_tensors(TRAIN_SIZE))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+
+@pytest.fixture(scope="module")
+def data() -> CifarData:
+    return CifarData()
+
+
+def test_the_workload_is_the_modules_own_job(data):
+    torch.manual_seed(0)
+    module = CifarModule()
+    job = bl.workload(module, data)
+    cpu = torch.device("cpu")
+
+    assert (job.reference_batch_size, job.reference_lr) == (64, LR)
+    assert (job.dataset_size, job.optimizer_family, job.name) == (TRAIN_SIZE, "sgd", "CifarModule")
+    assert data.setup_calls == 1
+
+    model = job.build_model(cpu)
+    assert model is not module and model.training
+    for mine, theirs in zip(model.parameters(), module.parameters()):
+        assert mine is not theirs and torch.equal(mine, theirs)
+
+    # Both groups keep their hyper-parameters; the chosen LR is the largest group's, the other
+    # keeps its ratio to it (the scheduler's first value, LR / 10, is not mistaken for the base).
+    optimizer = job.build_optimizer(model.parameters(), 0.2)
+    groups = optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    assert [g["lr"] for g in groups] == [0.2, 0.1]
+    assert all(g["momentum"] == 0.9 and "initial_lr" not in g for g in groups)
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
+
+    # A batch of the size asked for, drawn without replacement from the real dataset; the loss
+    # is training_step's (cross-entropy, computed here by hand) with self.log skipped silently.
+    batch = job.sample(96, cpu, torch.Generator().manual_seed(1))
+    x, y = batch
+    assert x.shape == (96, 3, 32, 32) and _distinct(x) == 96
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y)
+        assert torch.equal(job.loss(model, batch), expected)
+
+    # One epoch: full batches only, every example at most once.
+    batches = list(job.epoch_batches(300, cpu, 0))
+    assert [len(b[1]) for b in batches] == [300] * (TRAIN_SIZE // 300)
+    seen = torch.cat([b[0] for b in batches])
+    assert _distinct(seen) == len(seen) == 1800
+
+
+def test_tune_on_a_lightning_module_recommends_and_leaves_the_module_as_it_was(data, tmp_path):
+    torch.manual_seed(0)
+    module = CifarModule().eval()  # a mode tuning must not switch
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    rng = torch.get_rng_state()
+
+    result = bl.tune(module, data, device="cpu", budget_s=12, memory_budget="256MiB",
+                     out_dir=tmp_path)
+    rec = result.recommendation
+
+    assert not module.training
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert data.train_dataloader().batch_size == 64
+    # The plan's batch fits under the memory limit, the LR follows the linear rule from the
+    # module's own base, and the noise scale was measured on its real gradients.
+    assert rec.batch_size <= result.memory.recommended_batch_size * rec.grad_accumulation
+    assert (rec.base_batch_size, rec.base_learning_rate, rec.lr_rule) == (64, LR, "linear")
+    assert math.isclose(rec.learning_rate, LR * rec.batch_size / 64, rel_tol=1e-12)
+    assert result.noise is not None and result.plan.noise_scale > 0
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["workload"]["name"] == "CifarModule"
+    assert (tmp_path / "report.html").exists()
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        yield from zip(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))
+
+
+class _Manual(CifarModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class _NeedsTrainer(CifarModule):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1]) * self.trainer.accumulate_grad_batches
+
+
+class _SkipsBatches(CifarModule):
+    def training_step(self, batch, batch_idx):
+        return None
+
+
+class _TwoOptimizers(CifarModule):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.Adam(self.parameters())]
+
+
+class _NoStep(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+
+def _loader(dataset, **kwargs) -> DataLoader:
+    return DataLoader(dataset, **kwargs)
+
+
+@pytest.mark.parametrize(("module", "loader", "message"), [
+    (nn.Linear(3, 2), None, "is not a lightning.pytorch.LightningModule"),
+    (_NoStep(), None, "does not implement training_step"),
+    (_Manual(), None, "uses manual optimization"),
+    (_TwoOptimizers(), None, "returned 2 optimizers"),
+    (CifarModule(), _loader(_Stream(), batch_size=4), "map-style dataset"),
+    (CifarModule(), _loader(TensorDataset(torch.randn(8, 3)), batch_size=None), "has no batch_size"),
+])
+def test_what_batchscope_cannot_use_is_refused_in_one_line(module, loader, message):
+    loader = loader if loader is not None else _loader(TensorDataset(torch.randn(8, 3)), batch_size=4)
+    with pytest.raises(UsageError, match=message) as caught:
+        bl.workload(module, train_dataloader=loader)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("module", "message"), [
+    (_NeedsTrainer(), "training_step uses self.trainer.*pass loss="),
+    (_SkipsBatches(), "returned NoneType, not a scalar loss"),
+])
+def test_a_training_step_batchscope_cannot_call_is_named_with_the_fix(module, message):
+    x, y = _cifar_tensors(200)
+    job = bl.workload(module, train_dataloader=DataLoader(TensorDataset(x, y), batch_size=32))
+    model = job.build_model(torch.device("cpu"))
+    with pytest.raises(UsageError, match=message):
+        job.loss(model, job.sample(8, torch.device("cpu"), torch.Generator().manual_seed(0)))
+
+
+def test_one_source_of_data_exactly():
+    with pytest.raises(UsageError, match="exactly one of datamodule"):
+        bl.workload(CifarModule())
