@@ -17,6 +17,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 import batchscope.lightning as bl  # noqa: E402
 from batchscope.errors import UsageError  # noqa: E402
+from batchscope.lightning.module_workload import TILE_FROM  # noqa: E402
 from batchscope.workloads.cifar10_data import find_archive  # noqa: E402
 from batchscope.workloads.cifar_source import CifarSource  # noqa: E402
 from batchscope.workloads.models import small_cnn  # noqa: E402
@@ -145,6 +146,21 @@ def test_tune_on_a_lightning_module_recommends_and_leaves_the_module_as_it_was(d
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["workload"]["name"] == "CifarModule"
     assert (tmp_path / "report.html").exists()
+
+
+def test_the_memory_probes_batch_repeats_a_few_hundred_real_examples(data):
+    job = bl.workload(CifarModule(), data)
+    x, y = job.worst_case(1000, torch.device("cpu"))
+    assert x.shape == (1000, 3, 32, 32) and y.shape == (1000,)
+    # 256 distinct real images, each repeated in order: row i is row i mod 256.
+    assert _distinct(x) == TILE_FROM == 256
+    assert torch.equal(x[256:512], x[:256]) and torch.equal(y[768:], y[:232])
+    # A batch that cannot be repeated (strings in it) is drawn in full instead.
+    words = TensorDataset(torch.arange(300.0).unsqueeze(1))
+    tagged = DataLoader(words, batch_size=4, collate_fn=lambda rows: (torch.stack([r[0] for r in rows]),
+                                                                      [f"id{int(r[0])}" for r in rows]))
+    values, tags = bl.workload(CifarModule(), train_dataloader=tagged).worst_case(290, torch.device("cpu"))
+    assert len(set(tags)) == 290 and values.shape == (290, 1)
 
 
 class _Stream(IterableDataset):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchscope.lightning.workload import tune, workload
+from batchscope.lightning.module_workload import tune, workload
 
 __all__ = ["AdaptiveBatchSizeCallback", "tune", "workload"]
 

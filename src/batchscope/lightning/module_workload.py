@@ -44,6 +44,8 @@ from batchscope.workload import Workload
 
 # Lightning warns on every `self.log` outside a trainer; tuning has no trainer by design.
 _NO_TRAINER_LOG_WARNING = r".*self\.log\(\).*trainer.*"
+# Real examples behind a memory probe's batch (repeated up to the size probed).
+TILE_FROM = 256
 
 
 def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoader | None = None,
@@ -116,6 +118,15 @@ def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoade
         indices = torch.randperm(len(dataset), generator=generator)[:batch_size]
         return _to_device(loader.collate_fn([dataset[int(i)] for i in indices]), device)
 
+    def worst_case_batch(batch_size: int, device: torch.device) -> Any:
+        # The memory probe needs the shape, not distinct examples: a few hundred real ones,
+        # repeated, spare it tens of thousands of __getitem__ calls (decoding, transforms) a probe.
+        drawn = min(batch_size, TILE_FROM)
+        base = make_batch(drawn, torch.device("cpu"), torch.Generator().manual_seed(0))
+        tiled = _repeat_to(base, batch_size)
+        return _to_device(tiled if tiled is not None else make_batch(
+            batch_size, torch.device("cpu"), torch.Generator().manual_seed(0)), device)
+
     def batch_at(indices: torch.Tensor, device: torch.device, generator: torch.Generator) -> Any:
         return _to_device(loader.collate_fn([dataset[int(i)] for i in indices]), device)
 
@@ -141,6 +152,7 @@ def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoade
         epoch_batches=epoch_batches,
         data_loader=data_loader,
         batch_at=batch_at,
+        worst_case_batch=options.pop("worst_case_batch", worst_case_batch),
         dataset_size=len(dataset),
         optimizer_family=options.pop("optimizer_family", family),
         description=options.pop("description", f"LightningModule {type(module).__qualname__}"),
@@ -242,6 +254,25 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     return move_data_to_device(batch, device)
+
+
+def _repeat_to(batch: Any, size: int) -> Any:
+    """`batch` with every tensor repeated along its first dimension up to `size` rows; None when
+    something in it is not a tensor (a list of strings, say), which cannot be repeated safely."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0:
+            return None
+        repeats = -(-size // len(batch))
+        return batch.repeat(repeats, *([1] * (batch.dim() - 1)))[:size]
+    if isinstance(batch, Mapping):
+        values = {key: _repeat_to(value, size) for key, value in batch.items()}
+        return None if any(value is None for value in values.values()) else values
+    if isinstance(batch, (tuple, list)):
+        parts = [_repeat_to(value, size) for value in batch]
+        if any(part is None for part in parts):
+            return None
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
+    return None
 
 
 def _base_lr(group: Mapping[str, Any]) -> float:
