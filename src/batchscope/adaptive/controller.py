@@ -343,12 +343,14 @@ class AdaptiveBatchSize:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue where this one is: the batch, the counts, and
         the place in the data right after the last trained batch (not after what the loader
-        has read ahead). The noise estimate starts afresh after a resume."""
+        has read ahead), and the noise monitor's samples, averages and measuring phase, so a
+        resumed run takes the decisions an uninterrupted one would."""
         return {"version": STATE_VERSION, "batch_size": self.batch_size, "steps": self.steps,
                 "examples_seen": self.examples_seen, "lr_noise": self._lr_noise,
                 "changes": [dict(change) for change in self.changes],
                 "history": [dict(entry) for entry in self.history],
-                "position": None if self._trained_through is None else list(self._trained_through)}
+                "position": None if self._trained_through is None else list(self._trained_through),
+                "monitor": self.monitor.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state_dict()`'s output, before or after `batch_sampler()` is made."""
@@ -366,6 +368,8 @@ class AdaptiveBatchSize:
         self._lr_noise = state["lr_noise"]
         self.changes = [dict(change) for change in state["changes"]]
         self.history = [dict(entry) for entry in state.get("history", [])]
+        if state.get("monitor") is not None:  # absent from states saved before it was kept
+            self.monitor.load_state_dict(state["monitor"])
         position = state["position"]
         self._trained_through = self._pending_position = None if position is None else (
             require_int("position epoch", position[0], minimum=0),

@@ -84,6 +84,17 @@ class BiasCorrectedEMA:
             return None
         return self._moment / (1.0 - self.beta**self._steps)
 
+    def state(self) -> tuple[float, int]:
+        """(moment, updates): all a checkpoint needs to continue the average exactly."""
+        return self._moment, self._steps
+
+    def restore(self, state: tuple[float, int]) -> None:
+        moment, steps = state
+        if not math.isfinite(float(moment)) or isinstance(steps, bool) or not isinstance(steps, int) \
+                or steps < 0:
+            raise UsageError(f"EMA state={state!r} is not (finite moment, updates >= 0); pass what state() returned")
+        self._moment, self._steps = float(moment), steps
+
 
 class SmoothedNoiseScale:
     """Running B_simple for adaptive training: |G|^2 and tr(Sigma) smoothed separately, then divided."""

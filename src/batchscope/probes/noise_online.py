@@ -121,6 +121,24 @@ class NoiseTracker:
     def smoothed_b_simple(self) -> float | None:
         return self._smoothed.b_simple
 
+    def state_dict(self) -> dict[str, Any]:
+        """The samples in the window and both smoothed averages, so a resumed run estimates from
+        the same numbers an uninterrupted one would (plain floats: JSON- and torch.save-safe)."""
+        return {"g2": list(self._g2), "trace": list(self._trace), "skipped": self.skipped,
+                "ema_g2": list(self._smoothed.grad_sq_norm.state()),
+                "ema_trace": list(self._smoothed.trace_sigma.state())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        g2, trace = [float(v) for v in state["g2"]], [float(v) for v in state["trace"]]
+        if len(g2) != len(trace):
+            raise UsageError(f"noise tracker state has {len(g2)} |G|^2 and {len(trace)} tr(Sigma) "
+                             "samples; pass what state_dict() returned")
+        keep = len(g2) if self.window is None else self.window
+        self._g2, self._trace = g2[-keep:], trace[-keep:]
+        self.skipped = int(state["skipped"])
+        self._smoothed.grad_sq_norm.restore(tuple(state["ema_g2"]))
+        self._smoothed.trace_sigma.restore(tuple(state["ema_trace"]))
+
     def estimate(self, confidence: float = 0.9) -> NoiseScaleEstimate | None:
         """B_simple with its interval, or None before the first sample."""
         if not self._g2:
@@ -190,6 +208,20 @@ class GradientNoiseMonitor:
         self._denominators: dict[int, torch.Tensor] = {}
         self._precondition_missing = False
         self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Which step comes next (so the same steps are measured after a resume) and the
+        tracker's samples and averages. Call between optimizer steps."""
+        return {"step_index": self._step_index, "measuring": self._measuring,
+                "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._step_index = require_int("step_index", state["step_index"], minimum=0)
+        self._measuring = bool(state["measuring"])
+        self._postponed = False
+        self.tracker.load_state_dict(state["tracker"])
 
     # -- the loop's calls ---------------------------------------------------------------------
 

@@ -30,9 +30,10 @@ def step_time(overhead: float = 1.0, per_example: float = 1e-6):
     return fit_throughput_model(sizes, [overhead + per_example * m for m in sizes])
 
 
-def make(model, *, batch_size=8, max_fit=128, lr_rule="linear", schedule=None, groups=None, **options):
+def make(model, *, batch_size=8, max_fit=128, lr_rule="linear", schedule=None, groups=None,
+         step_time=step_time(), **options):
     optimizer = torch.optim.SGD(groups or model.parameters(), lr=0.01)
-    policy = BatchSizePolicy(step_time(), CANDIDATES, max_fit_batch_size=max_fit, reference_batch_size=16)
+    policy = BatchSizePolicy(step_time, CANDIDATES, max_fit_batch_size=max_fit, reference_batch_size=16)
     return AdaptiveBatchSize(model, optimizer, policy, batch_size=batch_size, base_batch_size=16,
                              base_lr=0.01, lr_rule=lr_rule, schedule=schedule, **options), optimizer
 
@@ -174,6 +175,52 @@ def test_a_resume_continues_right_after_the_last_trained_batch_not_the_loaders_r
     epoch = [i for batch in trained + rest for i in batch]
     assert sorted(epoch) == list(range(N_EXAMPLES))  # the epoch completes, nothing twice
     assert resumed.learning_rate(32) == adaptive.learning_rate(32)
+
+
+def _train(adaptive, model, optimizer, x, y, steps=None):
+    """Train through the adaptive sampler (up to `steps` steps); the sizes trained."""
+    sizes = []
+    for indices in adaptive.batch_sampler(N_EXAMPLES, seed=1):
+        if steps is not None and len(sizes) == steps:
+            break
+        run_step(adaptive, model, (x[indices], y[indices]))
+        optimizer.step()
+        optimizer.zero_grad()
+        sizes.append(len(indices))
+    return sizes
+
+
+@pytest.mark.parametrize("keep_monitor", [True, False])
+def test_a_resumed_run_takes_the_decisions_an_uninterrupted_one_takes(keep_monitor):
+    x, y = linear_data()
+    settings = dict(schedule=ExampleSchedule(total_examples=900), measure_every=2, decide_every=3,
+                    min_samples=3, step_time=step_time(overhead=1e-3, per_example=2e-5))
+
+    def fresh():
+        model = linear_model()
+        adaptive, optimizer = make(model, **settings)
+        return adaptive, model, optimizer
+
+    whole, model, optimizer = fresh()
+    sizes = _train(whole, model, optimizer, x, y)
+
+    first, model, optimizer = fresh()
+    head = _train(first, model, optimizer, x, y, steps=7)  # mid-phase: step 7 is not measured
+    state, weights, moments = first.state_dict(), model.state_dict(), optimizer.state_dict()
+    if not keep_monitor:
+        state.pop("monitor")  # what a resume did before the monitor's state was kept
+    second, model, optimizer = fresh()
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(moments)
+    second.load_state_dict(state)
+    tail = _train(second, model, optimizer, x, y)
+
+    assert head + tail == sizes if keep_monitor else head + tail != sizes
+    assert (second.history == whole.history) is keep_monitor
+    assert whole.changes and whole.history[-1]["noise_scale"] is not None
+    if keep_monitor:
+        assert second.monitor.b_simple == whole.monitor.b_simple
+        assert second.monitor.tracker.samples == whole.monitor.tracker.samples
 
 
 def test_finished_ends_a_drop_last_loop_after_the_planned_epochs():

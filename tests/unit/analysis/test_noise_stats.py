@@ -223,3 +223,19 @@ def test_bad_input_is_a_usage_error(call):
     with pytest.raises(UsageError) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_an_ema_restored_from_its_state_continues_exactly():
+    values = [4.0, 1.0, 7.5, 2.25, 3.0]
+    whole, first = BiasCorrectedEMA(0.9), BiasCorrectedEMA(0.9)
+    for value in values:
+        whole.update(value)
+    for value in values[:2]:
+        first.update(value)
+    resumed = BiasCorrectedEMA(0.9)
+    resumed.restore(first.state())
+    for value in values[2:]:
+        resumed.update(value)
+    assert resumed.value == whole.value and resumed.steps == 5
+    with pytest.raises(UsageError, match="is not \\(finite moment, updates >= 0\\)"):
+        resumed.restore((float("nan"), 3))
