@@ -72,14 +72,15 @@ def recommend(
     optimizer_family: str,
     steps_per_epoch: int | None = None,
     lr_rule: str | None = None,
-    world_size: int = 1,
     target: str = "time",
 ) -> Recommendation:
     """Combine a goodput plan with the LR rule for the optimizer family, then collect caveats.
 
-    `plan` is an `analysis.goodput.GoodputPlan` (batch_size, micro_batch_size, accumulation,
-    speedup_vs_reference, good_range).
+    `plan` is an `analysis.goodput.GoodputPlan` (batch_size: global; micro_batch_size: per
+    device; accumulation, world_size, speedup_vs_reference, good_range). The LR follows the
+    global batch.
     """
+    world_size = int(getattr(plan, "world_size", 1))
     rule = scaling.rule_name(lr_rule) if lr_rule else scaling.rule_for_family(optimizer_family)
     batch = int(plan.batch_size)
     usable_noise = evidence.noise_scale if evidence.noise_status == "ok" else None
@@ -99,15 +100,14 @@ def recommend(
     warmup = lr_plan.warmup_steps or 0
     per_device = int(plan.micro_batch_size)
     accumulation = int(plan.accumulation)
-    per_device_total = max(1, per_device // max(1, world_size))
     speedup = _finite_or_none(getattr(plan, "speedup_vs_reference", None))
 
     rationale = _rationale(plan, evidence, rule, lr_plan, base_batch_size, base_learning_rate, target)
     caveats = fallback + list(lr_plan.warnings)
-    caveats += _caveats(evidence, per_device_total, accumulation, world_size)
+    caveats += _caveats(evidence, per_device, accumulation, world_size)
     return Recommendation(
         batch_size=batch,
-        per_device_batch_size=per_device_total,
+        per_device_batch_size=per_device,
         grad_accumulation=accumulation,
         learning_rate=float(lr_plan.learning_rate),
         lr_rule=rule,
@@ -154,8 +154,13 @@ def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batc
                  else "shortest predicted time to the same loss, (B + B_noise) / throughput(B)")
     lines.append(f"Objective: {objective}.")
     speedup = _finite_or_none(getattr(plan, "speedup_vs_reference", None))
-    if speedup is not None:
+    if speedup is not None and speedup >= 1:
         lines.append(f"Predicted {speedup:.2f}x faster to target than the reference batch {base_batch}.")
+    elif speedup is not None:
+        # The reference is still the yardstick when the plan's rules kept it out of reach.
+        lines.append(f"Predicted {1 / speedup:.2f}x slower to target than the reference batch "
+                     f"{base_batch}, which the plan's rules (BatchNorm floor, target, throughput "
+                     f"knee) ruled out.")
     if int(plan.accumulation) > 1:
         lines.append(
             f"Batch {plan.batch_size} does not fit at once: {plan.accumulation} accumulation steps of "
@@ -186,9 +191,13 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
             "With gradient accumulation BatchNorm normalises over each micro-batch, not the global batch."
         )
     if world_size > 1:
+        each = f"{accumulation} accumulated micro-batches of {per_device}" if accumulation > 1 \
+            else f"{per_device} examples"
         caveats.append(
-            f"batch_size is global across {world_size} devices; each device runs "
-            f"{per_device} per step. Scale the LR by the global batch."
+            f"batch_size is global across {world_size} data-parallel devices: each device runs "
+            f"{each} a step (a DistributedSampler's share), and the LR is the global batch's. "
+            f"The plan assumes every device as fast as the one measured and leaves out the "
+            f"gradient all-reduce, which costs most at small per-device batches."
         )
     if evidence.noise_status == "ok" and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
         caveats.append(

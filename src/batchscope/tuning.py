@@ -91,8 +91,9 @@ class TuneResult:
     steps_per_epoch: int | None = None
     # The step-time model fitted to the throughput probe (the plan's and the adaptive mode's).
     step_time: Any = None
-    # Every batch the "time" plan could pick (the "examples" target keeps those below 10% of
-    # the noise scale); the adaptive mode re-plans over them as the noise scale grows.
+    # Every batch a one-device "time" plan could pick (the "examples" target keeps those below
+    # 10% of the noise scale): the per-device batches the adaptive mode re-plans over as the
+    # noise scale grows (on any world size).
     candidates: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +123,7 @@ def tune(
     out_dir: str | Path | None = None,
     workload_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    world_size: int | None = None,
 ) -> TuneResult:
     """Measure memory, throughput and gradient noise, then recommend batch size, LR, warmup and
     gradient accumulation for `workload` on `device`.
@@ -139,10 +141,15 @@ def tune(
         memory_budget: bytes or "4GiB"; required meaningfully on CPU (default there: a quarter of
             RAM, at most 2 GiB), optional on accelerators.
         out_dir: where `run.json`, `report.html` and the plots go (None: nothing written).
+        world_size: plan for this many data-parallel devices (DDP): the probes run on this
+            device, the recommended batch is global, each device's share per step is
+            `per_device_batch_size` x `grad_accumulation`, and the LR is the global batch's.
+            Default: torch.distributed's world size when it is initialised, else 1.
     """
     started = time.perf_counter()
     say = progress or (lambda message: logger.info(message))
     _check_arguments(budget_s, target, optimizer_family)
+    world = _world_size(world_size)
     if lr_rule is not None:  # a bad rule fails before minutes of probing, not after
         lr_rule = scaling.rule_name(lr_rule)
     resolved = resolve_workload(workload, **(workload_options or {}))
@@ -154,7 +161,7 @@ def tune(
     record = RunRecord(kind="tune", workload=resolved.describe(), environment=environment_info(where))
     record.sections["settings"] = {
         "budget_s": budget_s, "target": target, "optimizer_family": family, "lr_rule": lr_rule,
-        "memory_budget_bytes": budget_bytes, "device": str(where),
+        "memory_budget_bytes": budget_bytes, "device": str(where), "world_size": world,
     }
 
     def stage(name: str, run: Callable[[], Any]) -> Any:
@@ -188,11 +195,12 @@ def tune(
     step_time = _throughput_model(throughput)
 
     def plan_for(noise_value: float | None) -> GoodputPlan:
-        candidates = _candidates(resolved, throughput, limit, target, noise_value, floor)
+        candidates = _candidates(resolved, throughput, limit, target, noise_value, floor, world)
         return plan_batch_size(
             candidates, step_time, noise_value, max_fit_batch_size=limit,
             reference_batch_size=resolved.reference_batch_size,
-            max_accumulation=_max_accumulation(resolved.reference_batch_size, limit))
+            max_accumulation=_max_accumulation(resolved.reference_batch_size, limit, world),
+            world_size=world)
 
     reserved_s = TIMED_WINDOWS * PIPELINE_MIN_S if resolved.data_loader is not None else 0.0
     noise_plan = plan_noise_probe(resolved, step_time.step_seconds,
@@ -304,10 +312,23 @@ def _throughput_model(throughput: ThroughputResult) -> Any:
     return fit_throughput_model([p.batch_size for p in points], [p.step_s for p in points])
 
 
-def _max_accumulation(reference_batch_size: int, limit: int) -> int:
-    """MAX_ACCUMULATION, or more when the reference batch itself needs more micro-batches
-    (the plan must be able to express the reference to compare against it)."""
-    return max(MAX_ACCUMULATION, math.ceil(reference_batch_size / limit))
+def _max_accumulation(reference_batch_size: int, limit: int, world_size: int = 1) -> int:
+    """MAX_ACCUMULATION, or more when the reference batch itself needs more micro-batches on
+    each device (the plan must be able to express the reference to compare against it)."""
+    return max(MAX_ACCUMULATION, math.ceil(math.ceil(reference_batch_size / world_size) / limit))
+
+
+def _world_size(world_size: int | None) -> int:
+    if world_size is None:
+        return torch.distributed.get_world_size() if _distributed() else 1
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise UsageError(f"world_size={world_size!r} must be a whole number of data-parallel "
+                         f"devices, at least 1")
+    return world_size
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _check_data_path(workload: Workload, where: torch.device, batch_size: int,
@@ -332,21 +353,25 @@ def _usable_noise(noise: NoiseScaleResult | None) -> float | None:
 
 
 def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: int,
-                target: str, noise: float | None, floor: int = 1) -> list[int]:
-    """Global batch sizes the plan may pick: powers of two from the smallest measured size (or
-    `floor`, the BatchNorm minimum) up to what fits times the accumulation limit, plus the
-    memory limit and the reference."""
+                target: str, noise: float | None, floor: int = 1, world_size: int = 1) -> list[int]:
+    """Global batch sizes the plan may pick on `world_size` devices: each device's share a
+    power of two from the smallest measured size (or `floor`, the BatchNorm minimum) up to what
+    fits times the accumulation limit, or the memory limit itself; plus the reference."""
+    reference = workload.reference_batch_size
     smallest = max(floor, min(p.batch_size for p in throughput.points))
-    largest = memory_limit * _max_accumulation(workload.reference_batch_size, memory_limit)
+    largest = memory_limit * _max_accumulation(reference, memory_limit, world_size)
     useful = _largest_useful_batch(workload)
     if useful is not None:
-        largest = min(largest, useful)
-    sizes = {memory_limit, workload.reference_batch_size}
+        largest = min(largest, useful // world_size)
+    shares = {memory_limit, math.ceil(reference / world_size)}
     size = 1 << max(0, smallest.bit_length() - 1)
     while size <= largest:
-        sizes.add(size)
+        shares.add(size)
         size *= 2
-    sizes = {s for s in sizes if smallest <= s <= largest} or {smallest}
+    shares = {s for s in shares if smallest <= s <= largest} or {smallest}
+    sizes = {world_size * s for s in shares}
+    if math.ceil(reference / world_size) in shares:
+        sizes.add(reference)  # on W devices the reference may not be W times a share
     if target == "examples" and noise is not None:
         sample_efficient = {s for s in sizes if s <= EXAMPLES_SLACK * noise}
         sizes = sample_efficient or {min(sizes)}
@@ -356,7 +381,8 @@ def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: 
 def _at_the_floor(plan: GoodputPlan, floor: int) -> GoodputPlan:
     """At the BatchNorm floor the plan's "a smaller batch might be faster" is beside the point:
     smaller batches were ruled out, not missed. Say that instead."""
-    if floor <= 1 or plan.batch_size != floor:
+    if floor <= 1 or (plan.micro_batch_size, plan.accumulation) != (floor, 1) \
+            or plan.batch_size != floor * plan.world_size:
         return plan
     notes = [note for note in plan.notes if not note.startswith("the optimum is the smallest candidate")]
     notes.append(f"the optimum is the BatchNorm floor ({floor}): smaller batches were ruled out")

@@ -315,3 +315,41 @@ def test_a_slow_first_batch_does_not_leave_memory_at_the_start_size(monkeypatch)
     # How far the second probe reaches depends on the first one's reading (noisy in-process
     # on CPU); that it is made and verified is what the budget must not prevent.
     assert memory.max_batch_size > memory.probes[0].batch_size
+
+
+def test_a_plan_for_four_data_parallel_devices_is_the_per_device_plan_at_a_quarter_noise(tmp_path, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        run(["tune", "-w", "small-cnn-cifar10", "--device", "cpu", "--budget", "15",
+             "--memory-budget", "256MiB", "--world-size", "4", "--json"])
+    assert excinfo.value.code == 0
+    sections = json.loads(capsys.readouterr().out)
+    rec, goodput = sections["recommendation"], sections["goodput"]
+    assert sections["settings"]["world_size"] == rec["world_size"] == goodput["world_size"] == 4
+    # Every candidate is four equal shares of at least the BatchNorm floor (the reference 64,
+    # 16 a device, is below it).
+    assert all(p["batch_size"] % 4 == 0 for p in goodput["curve"])
+    shares = [p["batch_size"] // 4 for p in goodput["curve"]]
+    assert min(shares) >= BATCHNORM_MIN_PER_DEVICE
+    # The global batch is four devices' micro-batches x accumulation, the LR the global batch's.
+    assert rec["batch_size"] == 4 * rec["per_device_batch_size"] * rec["grad_accumulation"]
+    assert rec["learning_rate"] == pytest.approx(
+        rec["base_learning_rate"] * rec["batch_size"] / rec["base_batch_size"], rel=1e-12)
+    assert rec["base_batch_size"] == 64
+    assert rec["per_device_batch_size"] <= sections["memory"]["recommended_batch_size"]
+    assert any("global across 4 data-parallel devices" in c for c in rec["caveats"])
+    # The same choice as one device's plan for the per-device batch at B_noise / 4, recomputed
+    # here from the measured step times.
+    from batchscope.analysis.goodput import plan_batch_size
+    from batchscope.analysis.throughput_model import fit_throughput_model
+
+    points = [p for p in sections["throughput"]["points"] if p["samples_per_s"]]
+    model = fit_throughput_model([p["batch_size"] for p in points], [p["step_s"] for p in points])
+    one = plan_batch_size(shares, model, goodput["noise_scale"] / 4,
+                          max_fit_batch_size=sections["memory"]["recommended_batch_size"],
+                          reference_batch_size=16, max_accumulation=16)
+    assert 4 * one.batch_size == rec["batch_size"]
+
+
+def test_a_world_size_below_one_is_refused_before_any_probe():
+    with pytest.raises(batchscope.UsageError, match="world_size=0 must be a whole number"):
+        batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=20, world_size=0)

@@ -16,6 +16,7 @@ class Plan:
     accumulation: int
     speedup_vs_reference: float = 2.0
     good_range: tuple[int, int] = (512, 2048)
+    world_size: int = 1
 
 
 def _recommend(plan, **evidence):
@@ -70,15 +71,17 @@ def test_accumulation_plan_and_batchnorm_caveats():
 
 def test_early_noise_ddp_and_pipeline_caveats():
     rec = recommend(
-        Plan(1024, 1024, 1),
+        Plan(1024, 128, 2, world_size=4),
         Evidence(memory_limit=2048, noise_scale=900.0, noise_status="ok", noise_measured_at_step=40,
                  input_pipeline={"bottleneck": True, "note": "loader gives 10k/s vs 40k/s"}),
-        base_batch_size=128, base_learning_rate=0.1, optimizer_family="sgd", world_size=4)
-    assert rec.per_device_batch_size == 256
+        base_batch_size=128, base_learning_rate=0.1, optimizer_family="sgd")
+    assert (rec.per_device_batch_size, rec.grad_accumulation, rec.world_size) == (128, 2, 4)
+    assert rec.learning_rate == pytest.approx(0.8)  # the global batch's: 1024 / 128 * 0.1
     text = " ".join(rec.caveats)
     assert "measured after 40 training steps" in text
     assert "batchscope.AdaptiveBatchSize.from_tune" in text  # says how to follow it
-    assert "global across 4 devices" in text
+    assert "global across 4 data-parallel devices: each device runs 2 accumulated micro-batches of 128" in text
+    assert "leaves out the gradient all-reduce" in text
     assert "Loader gives 10k/s vs 40k/s" in rec.caveats
     assert text.count("caps throughput") == 0  # the probe's note is used as it is, not repeated
     assert "exceeds the noise scale" in text  # linear scaling past B_noise overshoots
@@ -105,3 +108,10 @@ def test_a_memory_limit_set_by_a_bound_is_not_called_the_memory_edge():
 def test_when_the_noise_scale_was_measured_is_said_in_words(steps, words):
     rec = _recommend(Plan(1024, 1024, 1), noise_measured_at_step=steps)
     assert any(words in c for c in rec.caveats)
+
+
+def test_a_plan_slower_than_the_reference_says_slower_not_faster():
+    rec = _recommend(Plan(128, 32, 1, speedup_vs_reference=0.5, world_size=4))
+    assert any(line.startswith("Predicted 2.00x slower to target than the reference batch 128")
+               for line in rec.rationale)
+    assert not any("faster to target" in line for line in rec.rationale)

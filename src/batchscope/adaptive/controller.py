@@ -190,14 +190,15 @@ class AdaptiveBatchSize:
         schedule = ExampleSchedule(total_examples=int(epochs * size), warmup_examples=warmup,
                                    kind=workload.get("schedule", "cosine"))
         options.setdefault("noise_scale", result.plan.noise_scale)
-        # Tune planned for one device; on W ranks the start is the per-device optimum at
-        # B_noise / W (class docstring), times W.
+        # Tune planned for rec.world_size devices (tune(world_size=...)); on another number W
+        # of ranks the start is the per-device optimum at B_noise / W (class docstring), times W.
         world, _ = _data_parallel(options.get("group"))
         start = rec.batch_size
-        if world > 1:
+        if world != rec.world_size or start % world:
             noise = result.plan.noise_scale
-            optimum = policy.decide(rec.batch_size, None if noise is None else noise / world).optimum
-            start = world * (optimum or rec.batch_size)
+            share = max(1, rec.batch_size // rec.world_size)
+            optimum = policy.decide(share, None if noise is None else noise / world).optimum
+            start = world * (optimum or share)
         adaptive = cls(model, optimizer, policy, batch_size=start,
                        base_batch_size=rec.base_batch_size, base_lr=rec.base_learning_rate,
                        lr_rule=rec.lr_rule, schedule=schedule, **options)

@@ -12,6 +12,13 @@ A global batch bigger than what fits in memory runs as k accumulated micro batch
 m = ceil(B / k), with k the smallest count that keeps m <= max_fit; we charge k full steps of
 t(m), slightly pessimistic since the optimizer update runs once, not k times. Accumulation is only
 used where it is needed: it never raises throughput under a step-time model that grows with B.
+
+Data parallelism over W devices: a global batch B gives each device a share b = ceil(B / W),
+run as above (k micro batches of m <= max_fit), and all W devices step together, so
+X(B) = B / (k t(m)) with t the per-device step time measured on one device. The gradient
+all-reduce is not in t: the plan leaves communication out and the recommendation says so.
+Since (B + B_noise) / X(B) = W (b + B_noise/W) / X_1(b), this is the one-device plan for the
+per-device batch against a noise scale of B_noise / W (what the adaptive mode uses under DDP).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ class StepTimeModel(Protocol):
 
 @dataclass(frozen=True)
 class GoodputPoint:
-    """One candidate global batch size on the plan's curve (relative_time None when infeasible)."""
+    """One candidate global batch size on the plan's curve (relative_time None when infeasible;
+    micro_batch_size is per device)."""
 
     batch_size: int
     micro_batch_size: int | None
@@ -75,9 +83,11 @@ class GoodputPlan:
     tolerance: float
     notes: tuple[str, ...]
     curve: tuple[GoodputPoint, ...]
+    world_size: int = 1  # data-parallel devices; batch_size is global, micro_batch_size per device
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "world_size": self.world_size,
             "batch_size": self.batch_size,
             "micro_batch_size": self.micro_batch_size,
             "accumulation": self.accumulation,
@@ -111,10 +121,18 @@ def accumulation_for(batch_size: int, max_fit_batch_size: int, max_accumulation:
     return math.ceil(batch / steps), steps
 
 
+def device_split(batch_size: int, max_fit_batch_size: int, max_accumulation: int,
+                 world_size: int = 1) -> tuple[int, int] | None:
+    """(micro_batch_size per device, accumulation) for a global batch over `world_size`
+    devices: each device's share ceil(B / W) split as in `accumulation_for`."""
+    share = math.ceil(positive_int("batch_size", batch_size) / positive_int("world_size", world_size))
+    return accumulation_for(share, max_fit_batch_size, max_accumulation)
+
+
 def global_samples_per_s(batch_size: int, model: StepTimeModel, max_fit_batch_size: int,
-                         max_accumulation: int) -> float | None:
-    """X(B) = B / (k t(m)) with accumulation as in `accumulation_for`; None when infeasible."""
-    split = accumulation_for(batch_size, max_fit_batch_size, max_accumulation)
+                         max_accumulation: int, world_size: int = 1) -> float | None:
+    """X(B) = B / (k t(m)) with the split of `device_split`; None when infeasible."""
+    split = device_split(batch_size, max_fit_batch_size, max_accumulation, world_size)
     if split is None:
         return None
     micro, steps = split
@@ -129,8 +147,10 @@ def plan_batch_size(
     reference_batch_size: int,
     max_accumulation: int = 16,
     tolerance: float = 0.10,
+    world_size: int = 1,
 ) -> GoodputPlan:
-    """Pick the candidate global batch with the shortest predicted time to target.
+    """Pick the candidate global batch with the shortest predicted time to target, on
+    `world_size` data-parallel devices (module docstring); micro batches are per device.
 
     `noise_scale` None or non-finite (not measured, or unresolved) switches to throughput-only
     mode: statistical efficiency is taken as 1, so the plan takes the throughput knee (the
@@ -142,10 +162,11 @@ def plan_batch_size(
     reference = positive_int("reference_batch_size", reference_batch_size)
     max_accumulation = positive_int("max_accumulation", max_accumulation)
     tolerance = positive_number("tolerance", tolerance)
+    world = positive_int("world_size", world_size)
     noise, mode, notes = _noise_mode(noise_scale)
 
     def time_per_example(batch: int) -> float | None:
-        rate = global_samples_per_s(batch, throughput_model, max_fit, max_accumulation)
+        rate = global_samples_per_s(batch, throughput_model, max_fit, max_accumulation, world)
         if rate is None:
             return None
         return (1.0 / rate) / _efficiency(batch, noise, reference)
@@ -153,17 +174,18 @@ def plan_batch_size(
     reference_time = time_per_example(reference)
     if reference_time is None:
         raise UsageError(f"reference_batch_size={reference} needs more than max_accumulation={max_accumulation} "
-                         f"micro batches of {max_fit}; raise max_accumulation")
+                         f"micro batches of {max_fit}{f' on each of {world} devices' if world > 1 else ''}; "
+                         f"raise max_accumulation")
 
     curve = []
     for batch in batches:
-        split = accumulation_for(batch, max_fit, max_accumulation)
+        split = device_split(batch, max_fit, max_accumulation, world)
         seconds = time_per_example(batch)
         curve.append(GoodputPoint(
             batch_size=batch,
             micro_batch_size=None if split is None else split[0],
             accumulation=None if split is None else split[1],
-            samples_per_s=global_samples_per_s(batch, throughput_model, max_fit, max_accumulation),
+            samples_per_s=global_samples_per_s(batch, throughput_model, max_fit, max_accumulation, world),
             efficiency=_efficiency(batch, noise, reference),
             relative_time=None if seconds is None else seconds / reference_time,
         ))
@@ -196,6 +218,7 @@ def plan_batch_size(
         tolerance=tolerance,
         notes=tuple(notes),
         curve=tuple(curve),
+        world_size=world,
     )
 
 

@@ -30,6 +30,9 @@ def command(
         help="linear, sqrt, none, or adascale (the measured noise scale's gain); default: the family's."),
     memory_budget: Optional[str] = typer.Option(
         None, "--memory-budget", help="Memory budget, e.g. 4GiB (CPU default: 1/4 of RAM, at most 2GiB)."),
+    world_size: Optional[int] = typer.Option(
+        None, "--world-size",
+        help="Plan for this many data-parallel (DDP) devices: global batch, per-device share, LR of the global batch; probes run on this one. Default: torch.distributed's, else 1."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for run.json, report.html, plots."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -39,7 +42,7 @@ def command(
             workload, device=device, budget_s=budget, target=target, optimizer_family=optimizer_family,
             lr_rule=lr_rule,
             memory_budget=memory_budget, out_dir=out, workload_options=parse_options(option),
-            progress=lambda message: status.update(f"tuning: {message}"),
+            progress=lambda message: status.update(f"tuning: {message}"), world_size=world_size,
         )
     if json_out:
         print_json(result.record.to_dict()["sections"]

@@ -31,11 +31,13 @@ def summary_rows(sections: Mapping[str, Any], workload: Mapping[str, Any]) -> li
     rec = sections.get("recommendation")
     if not rec:
         return []
-    return [
-        {"setting": "global batch size", "reference": workload.get("reference_batch_size"),
-         "recommended": rec["batch_size"]},
-        {"setting": "per-device batch", "reference": workload.get("reference_batch_size"),
-         "recommended": rec["per_device_batch_size"]},
+    world = int(rec.get("world_size") or 1)
+    reference = workload.get("reference_batch_size")
+    devices = [{"setting": "data-parallel devices", "reference": world, "recommended": world}]
+    return (devices if world > 1 else []) + [
+        {"setting": "global batch size", "reference": reference, "recommended": rec["batch_size"]},
+        {"setting": "per-device batch", "recommended": rec["per_device_batch_size"],
+         "reference": -(-reference // world) if isinstance(reference, int) else reference},
         {"setting": "gradient accumulation", "reference": 1, "recommended": rec["grad_accumulation"]},
         {"setting": "learning rate", "reference": workload.get("reference_lr"),
          "recommended": rec["learning_rate"]},

@@ -312,15 +312,16 @@ def test_adascale_follows_the_latest_measured_noise_scale():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (noise / 16 + 1) / (noise / 64 + 1))
 
 
-def _tune_result(warmup_steps: int, warmup_epochs: float, target: str = "time"):
+def _tune_result(warmup_steps: int, warmup_epochs: float, target: str = "time", world_size: int = 1):
     """The parts of a TuneResult that from_tune reads (a real one: tests/integration)."""
     from types import SimpleNamespace
 
     from batchscope.recommend import Recommendation
 
-    rec = Recommendation(batch_size=32, per_device_batch_size=32, grad_accumulation=1,
+    rec = Recommendation(batch_size=32 * world_size, per_device_batch_size=32, grad_accumulation=1,
                          learning_rate=0.02, lr_rule="linear", warmup_steps=warmup_steps,
-                         predicted_speedup_vs_reference=1.5, base_batch_size=16, base_learning_rate=0.01)
+                         predicted_speedup_vs_reference=1.5, base_batch_size=16, base_learning_rate=0.01,
+                         world_size=world_size)
     return SimpleNamespace(
         recommendation=rec, step_time=step_time(), candidates=tuple(CANDIDATES), target=target,
         plan=SimpleNamespace(curve=[SimpleNamespace(batch_size=b) for b in CANDIDATES], noise_scale=40.0),
@@ -339,6 +340,18 @@ def test_from_tune_starts_at_the_recommendation_with_the_longer_warmup(warmup_st
     assert adaptive.policy.max_fit == 64 and adaptive.policy.candidates == CANDIDATES
     with pytest.raises(UsageError, match="epochs=0"):
         AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=0)
+
+
+def test_a_tune_planned_for_four_devices_run_on_one_restarts_from_the_one_device_optimum():
+    model = linear_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    adaptive = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0, world_size=4), model, optimizer, epochs=1)
+    # Its 128 = 4 x 32 is not one device's batch: the policy's optimum for one device at the
+    # tuned noise scale is (overhead-only step time: the largest candidate that fits).
+    expected = adaptive.policy.decide(32, 40.0).optimum
+    assert adaptive.batch_size == expected == 64
+    same = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model, optimizer, epochs=1)
+    assert same.batch_size == 32  # planned for this world size: taken as it is
 
 
 def test_with_a_grad_scaler_the_measured_sample_is_the_unscaled_one():

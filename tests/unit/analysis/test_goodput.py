@@ -158,3 +158,38 @@ def test_bad_input_is_a_usage_error(model, kwargs):
     with pytest.raises(UsageError) as info:
         plan_batch_size(**arguments)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_on_w_devices_the_optimum_global_batch_grows_by_sqrt_w(model, world_size):
+    # Each device steps its share B/W in A + B_sample*B/W, so time to target is
+    # (B + NOISE)(A + B_sample B/W)/B, minimised at sqrt(A NOISE W / B_sample) = 424.26 sqrt(W).
+    candidates = np.arange(world_size, 8 * 4096 + 1, world_size)
+    plan = plan_batch_size(candidates, model, NOISE, max_fit_batch_size=8192, reference_batch_size=128,
+                           world_size=world_size)
+
+    def time(batch):
+        batch = np.asarray(batch, dtype=float)
+        return (batch + NOISE) * (A + B * batch / world_size) / batch
+
+    expected = int(candidates[np.argmin(time(candidates))])
+    assert abs(expected - math.sqrt(A * NOISE * world_size / B)) <= world_size
+    assert plan.batch_size == expected and plan.world_size == world_size
+    assert (plan.micro_batch_size, plan.accumulation) == (expected // world_size, 1)
+    assert plan.relative_time == pytest.approx(time(expected) / time(128), rel=1e-9)
+    # The same answer as one device's plan for the per-device batch at NOISE / W.
+    one = plan_batch_size(candidates // world_size, model, NOISE / world_size, max_fit_batch_size=8192,
+                          reference_batch_size=128 // world_size)
+    assert one.batch_size * world_size == plan.batch_size
+
+
+def test_each_devices_share_is_split_into_micro_batches_that_fit(model):
+    plan = plan_batch_size([1024], model, NOISE, max_fit_batch_size=100, reference_batch_size=1024,
+                           max_accumulation=4, world_size=4)
+    # 256 a device in 3 micro batches of 86 (ceil), all 4 devices stepping together.
+    assert (plan.batch_size, plan.micro_batch_size, plan.accumulation) == (1024, 86, 3)
+    assert plan.curve[0].samples_per_s == pytest.approx(1024 / (3 * (A + B * 86)))
+    assert global_samples_per_s(1024, model, 100, 4, world_size=4) == plan.curve[0].samples_per_s
+    # One device would need 11 micro batches: more than max_accumulation allows.
+    assert global_samples_per_s(1024, model, 100, 4) is None
+    assert plan.to_dict()["world_size"] == 4
