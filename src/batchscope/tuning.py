@@ -155,9 +155,27 @@ def tune(
     resolved = resolve_workload(workload, **(workload_options or {}))
     family = optimizer_family or resolved.optimizer_family
     where = devices.resolve_device(device)
-    out = _prepare_out_dir(out_dir)
     budget_bytes = _memory_budget(memory_budget, where)
 
+    def measure(write_report: bool = True) -> TuneResult:
+        return _measure(resolved, where, budget_bytes, _prepare_out_dir(out_dir), world=world,
+                        budget_s=budget_s, target=target, family=family, lr_rule=lr_rule,
+                        say=say, started=started, write_report=write_report)
+
+    if world_size is None and world > 1:
+        # Every rank of a data-parallel job called tune: rank 0 measures for all of them, and
+        # writes the report once every rank has checked the batch.
+        from batchscope.tune_distributed import tune_on_rank_zero
+
+        return tune_on_rank_zero(lambda: measure(write_report=False), resolved, where,
+                                 budget_bytes, say)
+    return measure()
+
+
+def _measure(resolved: Workload, where: torch.device, budget_bytes: int | None, out: Path | None,
+             *, world: int, budget_s: float, target: str, family: str, lr_rule: str | None,
+             say: Progress, started: float, write_report: bool = True) -> TuneResult:
+    """The pipeline of the module docstring on this process's device."""
     record = RunRecord(kind="tune", workload=resolved.describe(), environment=environment_info(where))
     record.sections["settings"] = {
         "budget_s": budget_s, "target": target, "optimizer_family": family, "lr_rule": lr_rule,
@@ -253,7 +271,7 @@ def tune(
     seconds = time.perf_counter() - started
     record.sections["settings"]["seconds"] = seconds
     _save(record, out)
-    if out is not None:
+    if out is not None and write_report:
         from batchscope.report.tune_report import write_tune_report
 
         write_tune_report(record, out)

@@ -68,6 +68,12 @@ def _tables(sections: Mapping[str, Any], workload: Mapping[str, Any]) -> list[tu
     if noise:
         tables.append(("Gradient noise scale", [{key: noise.get(key) for key in (
             "b_simple", "ci_low", "ci_high", "grad_sq_norm", "trace_sigma", "samples", "status")}]))
+    ranks = sections.get("ranks")
+    if ranks:  # a tune called on every rank of a data-parallel job (tune_distributed)
+        tables.append((f"Per-device batch {ranks['per_device_batch_size']} checked on every rank", [
+            {"rank": c["rank"], "fits": "yes" if c["fits"] else "no",
+             "peak_MiB": None if c.get("peak_bytes") is None else c["peak_bytes"] / 2**20}
+            for c in ranks.get("checked", [])]))
     return tables
 
 
