@@ -104,7 +104,8 @@ def recommend(
 
     rationale = _rationale(plan, evidence, rule, lr_plan, base_batch_size, base_learning_rate, target)
     caveats = fallback + list(lr_plan.warnings)
-    caveats += _caveats(evidence, per_device, accumulation, world_size)
+    caveats += _caveats(evidence, per_device, accumulation, world_size,
+                        float(getattr(plan, "sync_seconds", 0.0) or 0.0))
     return Recommendation(
         batch_size=batch,
         per_device_batch_size=per_device,
@@ -173,7 +174,8 @@ def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batc
     return lines
 
 
-def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size: int) -> list[str]:
+def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size: int,
+             sync_seconds: float = 0.0) -> list[str]:
     caveats: list[str] = []
     if evidence.has_batchnorm:
         caveats.append(
@@ -193,11 +195,15 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
     if world_size > 1:
         each = f"{accumulation} accumulated micro-batches of {per_device}" if accumulation > 1 \
             else f"{per_device} examples"
+        communication = (
+            f"counts the gradient all-reduce measured across the ranks ({sync_seconds * 1e3:.3g} ms "
+            f"a step, in full, as if the backward pass overlapped none of it)" if sync_seconds > 0
+            else "leaves out the gradient all-reduce, which costs most at small per-device "
+                 "batches (tune measures it when called on every rank)")
         caveats.append(
             f"batch_size is global across {world_size} data-parallel devices: each device runs "
             f"{each} a step (a DistributedSampler's share), and the LR is the global batch's. "
-            f"The plan assumes every device as fast as the one measured and leaves out the "
-            f"gradient all-reduce, which costs most at small per-device batches."
+            f"The plan assumes every device as fast as the one measured and {communication}."
         )
     if evidence.noise_status == "ok" and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
         caveats.append(

@@ -5,9 +5,11 @@ Ranks that each measured for themselves would come back with different timings, 
 and so different recommendations, and a job whose ranks disagree on the batch size hangs or
 trains wrong. So:
 
-1. rank 0 runs the whole tune on its device, planning for the world size (the others wait);
-2. its result (or its error) is broadcast, so every rank returns the same `TuneResult`;
-3. every rank then runs real training steps at the recommended per-device micro-batch on its
+1. every rank times an all-reduce of the model's gradient size (what DDP adds to each
+   optimizer step), and the slowest rank's median is the plan's `sync_seconds`;
+2. rank 0 runs the whole tune on its device, planning for the world size (the others wait);
+3. its result (or its error) is broadcast, so every rank returns the same `TuneResult`;
+4. every rank then runs real training steps at the recommended per-device micro-batch on its
    own device (the memory probe's check: forward, backward, optimizer step, twice) and the
    outcomes are gathered: a device that cannot hold it (less free memory, another job on it)
    fails the call on every rank alike, naming the rank.
@@ -20,6 +22,8 @@ processes; nothing is read back from disk).
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -36,17 +40,22 @@ if TYPE_CHECKING:
     from batchscope.tuning import TuneResult
 
 VERIFY_STEPS = 2  # the first step allocates the optimizer state; the second is the steady peak
+SYNC_WARMUP, SYNC_TIMED = 2, 7  # all-reduces: the first ones set up buffers and connections
 
 
-def tune_on_rank_zero(measure: Callable[[], "TuneResult"], workload: Workload, device: torch.device,
-                      budget_bytes: int | None, say: Callable[[str], None]) -> "TuneResult":
-    """Run `measure` (the one-process tune) on rank 0, hand its result to every rank, and
-    check the recommended per-device batch on every rank's device (module docstring)."""
+def tune_on_rank_zero(measure: Callable[[float], "TuneResult"], workload: Workload,
+                      device: torch.device, budget_bytes: int | None,
+                      say: Callable[[str], None]) -> "TuneResult":
+    """Time the gradient all-reduce on every rank, run `measure(sync_seconds)` (the one-process
+    tune) on rank 0, hand its result to every rank, and check the recommended per-device batch
+    on every rank's device (module docstring)."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    say("timing the gradient all-reduce across the ranks")
+    sync = time_gradient_allreduce(workload, device)
     outcome: list[Any] = [None]
     if rank == 0:
         try:
-            outcome[0] = measure()
+            outcome[0] = measure(sync.seconds)
         except BaseException as exc:
             # The other ranks are waiting in the broadcast: tell them, then fail here too.
             outcome[0] = _Failure(type(exc).__name__, str(exc))
@@ -67,6 +76,7 @@ def tune_on_rank_zero(measure: Callable[[], "TuneResult"], workload: Workload, d
     failed = [r for r, (fits, _) in enumerate(outcomes) if not fits]
     result.record.sections["ranks"] = {
         "world_size": world, "per_device_batch_size": per_device,
+        "allreduce_bytes": sync.bytes, "allreduce_s": sync.seconds,
         "checked": [{"rank": r, "fits": fits, "peak_bytes": peak} for r, (fits, peak) in enumerate(outcomes)],
     }
     if rank == 0 and result.out_dir is not None:
@@ -81,6 +91,40 @@ def tune_on_rank_zero(measure: Callable[[], "TuneResult"], workload: Workload, d
             + "; free memory there, or pass memory_budget= with the smallest rank's free memory "
               "so rank 0 plans within it")
     return result
+
+
+@dataclass(frozen=True)
+class SyncTime:
+    """One all-reduce of the model's gradients: its size and the slowest rank's median time."""
+
+    bytes: int
+    seconds: float
+
+
+def time_gradient_allreduce(workload: Workload, device: torch.device) -> SyncTime:
+    """What DDP adds to every optimizer step: an all-reduce of every trainable parameter's
+    gradient (one flat buffer here; DDP's buckets add a little latency, and it overlaps some of
+    it with the backward pass). Every rank must call it; all get the same answer."""
+    with StateGuard(rng=True):  # building a model draws from the RNG
+        model = workload.build_model(device)
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+        del model
+    where = _collective_device(device)
+    buffer = torch.zeros(numel, dtype=dtype, device=where)
+    times = []
+    for index in range(SYNC_WARMUP + SYNC_TIMED):
+        devices.synchronize(where)
+        started = time.perf_counter()
+        dist.all_reduce(buffer)
+        devices.synchronize(where)
+        if index >= SYNC_WARMUP:
+            times.append(time.perf_counter() - started)
+    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=where)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    del buffer
+    devices.release_memory(where)
+    return SyncTime(bytes=numel * torch.empty((), dtype=dtype).element_size(), seconds=float(slowest))
 
 
 def verify_batch(workload: Workload, device: torch.device, batch_size: int,
@@ -125,4 +169,4 @@ def _gather(probe: MemoryProbe, device: torch.device, world: int) -> list[tuple[
     return [(bool(t[0]), None if int(t[1]) < 0 else int(t[1])) for t in everyone]
 
 
-__all__ = ["tune_on_rank_zero", "verify_batch"]
+__all__ = ["SyncTime", "time_gradient_allreduce", "tune_on_rank_zero", "verify_batch"]

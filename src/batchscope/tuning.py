@@ -157,24 +157,27 @@ def tune(
     where = devices.resolve_device(device)
     budget_bytes = _memory_budget(memory_budget, where)
 
-    def measure(write_report: bool = True) -> TuneResult:
+    def measure(sync_seconds: float = 0.0, write_report: bool = True) -> TuneResult:
         return _measure(resolved, where, budget_bytes, _prepare_out_dir(out_dir), world=world,
                         budget_s=budget_s, target=target, family=family, lr_rule=lr_rule,
-                        say=say, started=started, write_report=write_report)
+                        say=say, started=started, write_report=write_report,
+                        sync_seconds=sync_seconds)
 
     if world_size is None and world > 1:
-        # Every rank of a data-parallel job called tune: rank 0 measures for all of them, and
-        # writes the report once every rank has checked the batch.
+        # Every rank of a data-parallel job called tune: rank 0 measures for all of them (with
+        # the all-reduce timed across the ranks), and writes the report once every rank has
+        # checked the batch.
         from batchscope.tune_distributed import tune_on_rank_zero
 
-        return tune_on_rank_zero(lambda: measure(write_report=False), resolved, where,
+        return tune_on_rank_zero(lambda sync: measure(sync, write_report=False), resolved, where,
                                  budget_bytes, say)
     return measure()
 
 
 def _measure(resolved: Workload, where: torch.device, budget_bytes: int | None, out: Path | None,
              *, world: int, budget_s: float, target: str, family: str, lr_rule: str | None,
-             say: Progress, started: float, write_report: bool = True) -> TuneResult:
+             say: Progress, started: float, write_report: bool = True,
+             sync_seconds: float = 0.0) -> TuneResult:
     """The pipeline of the module docstring on this process's device."""
     record = RunRecord(kind="tune", workload=resolved.describe(), environment=environment_info(where))
     record.sections["settings"] = {
@@ -218,7 +221,7 @@ def _measure(resolved: Workload, where: torch.device, budget_bytes: int | None, 
             candidates, step_time, noise_value, max_fit_batch_size=limit,
             reference_batch_size=resolved.reference_batch_size,
             max_accumulation=_max_accumulation(resolved.reference_batch_size, limit, world),
-            world_size=world)
+            world_size=world, sync_seconds=sync_seconds)
 
     reserved_s = TIMED_WINDOWS * PIPELINE_MIN_S if resolved.data_loader is not None else 0.0
     noise_plan = plan_noise_probe(resolved, step_time.step_seconds,

@@ -43,6 +43,11 @@ def test_every_rank_returns_rank_zeros_recommendation_for_the_world(ranks):
     assert checked["per_device_batch_size"] == rec["per_device_batch_size"]
     assert [c["rank"] for c in checked["checked"]] == [0, 1]
     assert all(c["fits"] and c["peak_bytes"] > 0 for c in checked["checked"])
+    # The plan counted the all-reduce of every gradient (fp32), timed across both ranks.
+    assert checked["allreduce_bytes"] == first["gradient_bytes"]
+    assert 0 < checked["allreduce_s"] == first["plan_sync_seconds"] == second["plan_sync_seconds"]
+    assert any(f"counts the gradient all-reduce measured across the ranks "
+               f"({checked['allreduce_s'] * 1e3:.3g} ms a step" in c for c in rec["caveats"])
     # Only rank 0 writes.
     assert {"run.json", "report.html"} <= set(first["written"]) and second["written"] == []
     assert first["report_has_ranks"]

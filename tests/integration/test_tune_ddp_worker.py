@@ -38,11 +38,14 @@ def _tune(rank: int, out: Path | None, memory_budget: str, workload=None) -> dic
                                  out_dir=out)
     except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
         return {"error": f"{type(exc).__name__}: {exc}", "rng_kept": torch.equal(rng, torch.get_rng_state())}
+    rng_kept = torch.equal(rng, torch.get_rng_state())
+    params = sum(p.numel() for p in workload.build_model(torch.device("cpu")).parameters())
     return {"recommendation": result.recommendation.to_dict(),
+            "plan_sync_seconds": result.plan.sync_seconds, "gradient_bytes": 4 * params,
             "ranks": result.record.sections["ranks"],
             "seconds": result.seconds,
             "written": sorted(p.name for p in out.iterdir()) if out is not None and out.exists() else [],
-            "rng_kept": torch.equal(rng, torch.get_rng_state()),
+            "rng_kept": rng_kept,
             "report_has_ranks": out is not None and (out / "report.html").exists()
             and "checked on every rank" in (out / "report.html").read_text()}
 

@@ -175,6 +175,9 @@ class AdaptiveBatchSize:
             raise UsageError(f"epochs={epochs!r} must be a positive number of epochs to train")
         from batchscope.tuning import EXAMPLES_SLACK, MAX_ACCUMULATION
 
+        world, _ = _data_parallel(options.get("group"))
+        # The all-reduce tune timed across the ranks holds for this job only on as many ranks.
+        sync = float(getattr(result.plan, "sync_seconds", 0.0) or 0.0) if world == rec.world_size else 0.0
         policy = BatchSizePolicy(
             result.step_time,
             result.candidates or [point.batch_size for point in result.plan.curve],
@@ -182,7 +185,7 @@ class AdaptiveBatchSize:
             reference_batch_size=rec.base_batch_size,
             max_accumulation=max(MAX_ACCUMULATION, rec.grad_accumulation),
             examples_slack=EXAMPLES_SLACK if result.target == "examples" else None,
-            **{k: options.pop(k) for k in ("max_growth", "min_gain", "allow_shrink") if k in options})
+            sync_seconds=sync, **{k: options.pop(k) for k in ("max_growth", "min_gain", "allow_shrink") if k in options})
         size = require_int("dataset_size", size)
         # The longer of the rule's warmup and the workload's own, as sweeps' schedules take it.
         warmup = max(rec.warmup_steps * rec.batch_size,
@@ -192,7 +195,6 @@ class AdaptiveBatchSize:
         options.setdefault("noise_scale", result.plan.noise_scale)
         # Tune planned for rec.world_size devices (tune(world_size=...)); on another number W
         # of ranks the start is the per-device optimum at B_noise / W (class docstring), times W.
-        world, _ = _data_parallel(options.get("group"))
         start = rec.batch_size
         if world != rec.world_size or start % world:
             noise = result.plan.noise_scale

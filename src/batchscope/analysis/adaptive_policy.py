@@ -69,6 +69,8 @@ class BatchSizePolicy:
         examples_slack: tune's "examples" target: only batches up to this share of the noise
             scale measured now (examples to target within 1 + slack of the minimum) are
             candidates, so the batch grows as the noise scale does; None for the "time" target.
+        sync_seconds: the gradient all-reduce's seconds per optimizer step under DDP, added to
+            each step's time (`plan_batch_size`); 0 on one device or when not measured.
     """
 
     def __init__(
@@ -83,8 +85,11 @@ class BatchSizePolicy:
         min_gain: float = 0.05,
         allow_shrink: bool = False,
         examples_slack: float | None = None,
+        sync_seconds: float = 0.0,
     ) -> None:
         self.step_time = step_time
+        # The gradient all-reduce per optimizer step under DDP (tune measures it on every rank).
+        self.sync_seconds = sync_seconds
         self.candidates = sorted({positive_int("candidate batch size", c) for c in candidates})
         if not self.candidates:
             raise UsageError("candidates is empty; pass the batch sizes the policy may choose from")
@@ -111,7 +116,8 @@ class BatchSizePolicy:
         plan = plan_batch_size(
             sorted({*self._eligible(noise), current}), self.step_time, noise,
             max_fit_batch_size=self.max_fit, reference_batch_size=self.reference,
-            max_accumulation=max(self.max_accumulation, math.ceil(current / self.max_fit)))
+            max_accumulation=max(self.max_accumulation, math.ceil(current / self.max_fit)),
+            sync_seconds=self.sync_seconds)
         times = {p.batch_size: p.relative_time for p in plan.curve if p.relative_time is not None}
         optimum = plan.batch_size
         if optimum == current:

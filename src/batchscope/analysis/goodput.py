@@ -15,10 +15,12 @@ used where it is needed: it never raises throughput under a step-time model that
 
 Data parallelism over W devices: a global batch B gives each device a share b = ceil(B / W),
 run as above (k micro batches of m <= max_fit), and all W devices step together, so
-X(B) = B / (k t(m)) with t the per-device step time measured on one device. The gradient
-all-reduce is not in t: the plan leaves communication out and the recommendation says so.
-Since (B + B_noise) / X(B) = W (b + B_noise/W) / X_1(b), this is the one-device plan for the
-per-device batch against a noise scale of B_noise / W (what the adaptive mode uses under DDP).
+X(B) = B / (k t(m) + s) with t the per-device step time measured on one device and s the
+gradient all-reduce's seconds per optimizer step (once per step, after the last micro batch),
+when it was measured: counted in full, as if nothing overlapped it with the backward pass, so
+slightly pessimistic. Since (B + B_noise) / X(B) = W (b + B_noise/W) / X_1(b), this is the
+one-device plan for the per-device batch against a noise scale of B_noise / W (what the
+adaptive mode uses under DDP).
 """
 
 from __future__ import annotations
@@ -84,10 +86,12 @@ class GoodputPlan:
     notes: tuple[str, ...]
     curve: tuple[GoodputPoint, ...]
     world_size: int = 1  # data-parallel devices; batch_size is global, micro_batch_size per device
+    sync_seconds: float = 0.0  # the gradient all-reduce per optimizer step, when measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "world_size": self.world_size,
+            "sync_seconds": self.sync_seconds,
             "batch_size": self.batch_size,
             "micro_batch_size": self.micro_batch_size,
             "accumulation": self.accumulation,
@@ -130,13 +134,14 @@ def device_split(batch_size: int, max_fit_batch_size: int, max_accumulation: int
 
 
 def global_samples_per_s(batch_size: int, model: StepTimeModel, max_fit_batch_size: int,
-                         max_accumulation: int, world_size: int = 1) -> float | None:
-    """X(B) = B / (k t(m)) with the split of `device_split`; None when infeasible."""
+                         max_accumulation: int, world_size: int = 1,
+                         sync_seconds: float = 0.0) -> float | None:
+    """X(B) = B / (k t(m) + s) with the split of `device_split`; None when infeasible."""
     split = device_split(batch_size, max_fit_batch_size, max_accumulation, world_size)
     if split is None:
         return None
     micro, steps = split
-    return batch_size / (steps * float(model.step_seconds(micro)))
+    return batch_size / (steps * float(model.step_seconds(micro)) + sync_seconds)
 
 
 def plan_batch_size(
@@ -148,6 +153,7 @@ def plan_batch_size(
     max_accumulation: int = 16,
     tolerance: float = 0.10,
     world_size: int = 1,
+    sync_seconds: float = 0.0,
 ) -> GoodputPlan:
     """Pick the candidate global batch with the shortest predicted time to target, on
     `world_size` data-parallel devices (module docstring); micro batches are per device.
@@ -163,10 +169,11 @@ def plan_batch_size(
     max_accumulation = positive_int("max_accumulation", max_accumulation)
     tolerance = positive_number("tolerance", tolerance)
     world = positive_int("world_size", world_size)
+    sync = _sync_seconds(sync_seconds)
     noise, mode, notes = _noise_mode(noise_scale)
 
     def time_per_example(batch: int) -> float | None:
-        rate = global_samples_per_s(batch, throughput_model, max_fit, max_accumulation, world)
+        rate = global_samples_per_s(batch, throughput_model, max_fit, max_accumulation, world, sync)
         if rate is None:
             return None
         return (1.0 / rate) / _efficiency(batch, noise, reference)
@@ -185,7 +192,8 @@ def plan_batch_size(
             batch_size=batch,
             micro_batch_size=None if split is None else split[0],
             accumulation=None if split is None else split[1],
-            samples_per_s=global_samples_per_s(batch, throughput_model, max_fit, max_accumulation, world),
+            samples_per_s=global_samples_per_s(batch, throughput_model, max_fit, max_accumulation, world,
+                                               sync),
             efficiency=_efficiency(batch, noise, reference),
             relative_time=None if seconds is None else seconds / reference_time,
         ))
@@ -219,7 +227,16 @@ def plan_batch_size(
         notes=tuple(notes),
         curve=tuple(curve),
         world_size=world,
+        sync_seconds=sync,
     )
+
+
+def _sync_seconds(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value < 0:
+        raise UsageError(f"sync_seconds={value!r} must be a finite number of seconds >= 0 (the "
+                         "gradient all-reduce per step; 0 when not measured)")
+    return float(value)
 
 
 def _noise_mode(noise_scale: float | None) -> tuple[float | None, str, list[str]]:

@@ -352,6 +352,11 @@ def test_a_tune_planned_for_four_devices_run_on_one_restarts_from_the_one_device
     assert adaptive.batch_size == expected == 64
     same = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model, optimizer, epochs=1)
     assert same.batch_size == 32  # planned for this world size: taken as it is
+    # The all-reduce tune timed on 4 ranks does not hold on 1; on as many ranks it is kept.
+    assert adaptive.policy.sync_seconds == 0.0
+    timed = _tune_result(0, 0.0)
+    timed.plan.sync_seconds = 0.004
+    assert AdaptiveBatchSize.from_tune(timed, model, optimizer, epochs=1).policy.sync_seconds == 0.004
 
 
 def test_with_a_grad_scaler_the_measured_sample_is_the_unscaled_one():

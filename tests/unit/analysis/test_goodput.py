@@ -193,3 +193,21 @@ def test_each_devices_share_is_split_into_micro_batches_that_fit(model):
     # One device would need 11 micro batches: more than max_accumulation allows.
     assert global_samples_per_s(1024, model, 100, 4) is None
     assert plan.to_dict()["world_size"] == 4
+
+
+def test_a_measured_all_reduce_per_step_moves_the_optimum_to_larger_batches(model):
+    # With s seconds of all-reduce per step the overhead is A + s: the optimum on W devices is
+    # sqrt((A + s) NOISE W / B_sample); s = 3A doubles it.
+    world, sync = 4, 3 * A
+    candidates = np.arange(world, 8 * 4096 + 1, world)
+    plan = plan_batch_size(candidates, model, NOISE, max_fit_batch_size=8192, reference_batch_size=128,
+                           world_size=world, sync_seconds=sync)
+    without = plan_batch_size(candidates, model, NOISE, max_fit_batch_size=8192, reference_batch_size=128,
+                              world_size=world)
+    assert abs(plan.batch_size - math.sqrt((A + sync) * NOISE * world / B)) <= world
+    assert abs(plan.batch_size - 2 * without.batch_size) <= 2 * world
+    assert plan.sync_seconds == sync and plan.to_dict()["sync_seconds"] == sync
+    assert plan.curve[0].samples_per_s == pytest.approx(world / (A + B + sync))
+    with pytest.raises(UsageError, match="sync_seconds=-1"):
+        plan_batch_size(candidates, model, NOISE, max_fit_batch_size=8192, reference_batch_size=128,
+                        sync_seconds=-1)
