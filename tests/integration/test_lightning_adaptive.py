@@ -252,16 +252,18 @@ class Automatic(worker.CifarClassifier):
         self.automatic_optimization = True
 
 
-@pytest.mark.parametrize("module_class, message", [
-    (Automatic, "Automatic uses automatic optimization; AdaptiveBatchSizeCallback needs manual "
-                "optimization: set self.automatic_optimization = False"),
-    (TwoOptimizers, "configure_optimizers\\(\\) gave 2 optimizers"),
-    (WithScheduler, "configure_optimizers\\(\\) returned an LR scheduler"),
+@pytest.mark.parametrize("module_class, options, message", [
+    (Automatic, {}, "Automatic uses automatic optimization; AdaptiveBatchSizeCallback needs manual "
+                    "optimization: set self.automatic_optimization = False"),
+    (TwoOptimizers, {}, "configure_optimizers\\(\\) gave 2 optimizers"),
+    (WithScheduler, {}, "configure_optimizers\\(\\) returned an LR scheduler"),
+    (worker.CifarClassifier, {"val_check_interval": 0.5}, "val_check_interval=0.5 \\(a share of an epoch\\)"),
 ])
-def test_a_module_the_callback_cannot_drive_is_refused_in_one_line(growing, train_set, tmp_path, module_class, message):
+def test_a_setup_the_callback_cannot_drive_is_refused_in_one_line(growing, train_set, tmp_path, module_class,
+                                                                   options, message):
     callback = AdaptiveBatchSizeCallback(growing, epochs=1, dataset_size=TRAIN_SIZE)
     with pytest.raises(UsageError, match=message):
-        fit(callback, train_set, tmp_path, module=module_class(callback, train_set))
+        fit(callback, train_set, tmp_path, module=module_class(callback, train_set), **options)
     assert callback.controller is None
 
 
@@ -309,9 +311,8 @@ def ddp_ranks(tuned, train_set, tmp_path_factory):
     module = worker.CifarClassifier(callback, train_set, out_dir=str(directory))
     environment = dict(os.environ)  # ddp_spawn sets MASTER_ADDR/PORT etc. in this process
     try:
-        strategy = pl.strategies.DDPStrategy(start_method="spawn", ddp_comm_hook=worker.counting_allreduce)
         fit(callback, train_set, directory, module=module, accelerator="cpu", devices=2,
-            strategy=strategy, use_distributed_sampler=False)
+            strategy="ddp_spawn", use_distributed_sampler=False)
     finally:
         os.environ.clear()
         os.environ.update(environment)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -20,7 +21,7 @@ from batchscope.workloads.models import small_cnn  # noqa: E402
 ALLREDUCES = [0]  # gradient all-reduces DDP ran in this (spawned) process
 
 
-def counting_allreduce(state: Any, bucket: Any) -> Any:
+def counting_allreduce(state, bucket):  # unannotated: DDP checks annotations by identity
     """DDP's own all-reduce, counted (the model is small enough for one bucket)."""
     ALLREDUCES[0] += 1
     return allreduce_hook(state, bucket)
@@ -44,6 +45,12 @@ class CifarClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:  # a spawned rank: two ranks share the two test cores
             torch.set_num_threads(1)
+
+    def on_fit_start(self) -> None:
+        # Lightning registers DDP communication hooks on CUDA only; this one counts on gloo.
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.register_comm_hook(None, counting_allreduce)
 
     def loss(self, batch: Any) -> torch.Tensor:
         return F.cross_entropy(self.net(batch[0]), batch[1])

@@ -253,7 +253,7 @@ def test_the_data_path_is_checked_at_the_recommended_batch(tmp_path):
     assert set(seen) == {rec.per_device_batch_size}
     pipeline = RunRecord.load(tmp_path / "run.json").sections["throughput"]["input_pipeline"]
     assert pipeline["measured"] and pipeline["batch_size"] == rec.per_device_batch_size
-    assert pipeline["bottleneck"] is True
+    assert pipeline["bottleneck"] is True, (pipeline, rec)
     assert any("input pipeline caps throughput" in caveat for caveat in rec.caveats)
 
 

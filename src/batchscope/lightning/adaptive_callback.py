@@ -78,7 +78,8 @@ class AdaptiveBatchSizeCallback(pl.Callback):
             step through `LightningModule.log`.
         options: passed to `AdaptiveBatchSize.from_tune` (`OPTIONS`).
 
-    `controller` is the `AdaptiveBatchSize` of the current (or last) fit, None before one starts.
+    `controller` is the `AdaptiveBatchSize` of the current (or last) fit, None before one starts
+    (under ddp_spawn it lives in the spawned ranks only: read the run from `out_dir`).
     """
 
     def __init__(self, result: "TuneResult", *, epochs: float, dataset_size: int,
@@ -93,7 +94,7 @@ class AdaptiveBatchSizeCallback(pl.Callback):
         self.epochs = float(epochs)
         self.dataset_size = require_int("dataset_size", dataset_size)
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.log = bool(log)
+        self.log_metrics = bool(log)
         self.options = options
         self.controller: AdaptiveBatchSize | None = None
         self._pending_state: Mapping[str, Any] | None = None  # a checkpoint's, until on_fit_start
@@ -137,7 +138,7 @@ class AdaptiveBatchSizeCallback(pl.Callback):
         adaptive.step()
         optimizer.step()
         optimizer.zero_grad()
-        if self.log:
+        if self.log_metrics:
             size = adaptive.examples_seen - examples_before
             values = {"adaptive/batch_size": float(size),
                       "adaptive/lr": adaptive.learning_rate(size, examples_before)}
@@ -167,6 +168,11 @@ class AdaptiveBatchSizeCallback(pl.Callback):
             raise UsageError("configure_optimizers() returned an LR scheduler; AdaptiveBatchSizeCallback "
                              "sets every step's LR itself (tune's rule, cosine over examples): return "
                              "the optimizer alone")
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and interval != 1.0:
+            raise UsageError(f"val_check_interval={interval} (a share of an epoch) needs a fixed number "
+                             "of batches an epoch, which a growing batch does not have; pass an int "
+                             "(validate every k steps) or 1.0")
         if self.out_dir is not None and trainer.is_global_zero:
             try:  # refuse now rather than lose the record at the end of the fit
                 check_writable_directory(self.out_dir)
@@ -249,8 +255,9 @@ class AdaptiveBatchSizeCallback(pl.Callback):
                                                    drop_last=drop_last)
             self._sampler_key, self._sampler_owner = key, adaptive
         elif key != self._sampler_key:
-            raise UsageError(f"batch_sampler{key} differs from the train loader's "
-                             f"batch_sampler{self._sampler_key}; it is for the train DataLoader only")
+            raise UsageError(f"batch_sampler() settings {key} differ from the train loader's "
+                             f"{self._sampler_key} (dataset_size, shuffle, seed, drop_last); it is "
+                             "for the train DataLoader only, one per fit")
         return self._sampler
 
 
