@@ -74,8 +74,11 @@ def test_adaptive_training_follows_tunes_plan_and_its_own_rules_on_real_cifar():
         previous = new
     assert adaptive.monitor.tracker.samples >= 3
     # A smoothed |G|^2 lost in the noise (<= 0) gives no estimate, and then the batch stays.
+    # (Checked on the decision's own noise scale: samples after the last decision may have
+    # moved the running one since.)
     last = adaptive.last_decision
-    assert (adaptive.noise_scale or 0) > 0 or last.reason == "no usable noise-scale estimate yet"
+    assert (last.noise_scale or 0) > 0 or (last.reason == "no usable noise-scale estimate yet"
+                                           and not last.changed)
     # It trained: the last steps' loss is well below the first steps'.
     assert sum(losses[-20:]) / 20 < 0.9 * sum(losses[:20]) / 20
 
