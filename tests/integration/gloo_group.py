@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
+import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 @contextmanager
@@ -30,3 +34,12 @@ def gloo_process_group(rank: int, world: int, init_file: str) -> Iterator[None]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def spawn_ranks(run_rank: Callable[..., None], world: int, directory: Path, *args: Any) -> list[dict]:
+    """Run `run_rank(rank, world, init_file, directory, *args)` in `world` spawned processes and
+    read back what each wrote to `directory/rank<N>.json`."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    mp.spawn(run_rank, args=(world, str(directory / "init"), str(directory), *args), nprocs=world, join=True)
+    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(world)]

@@ -5,18 +5,16 @@ global batch) without splitting steps."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 HELPERS = Path(__file__).resolve().parents[1] / "unit" / "probes"
 sys.path.insert(0, str(HELPERS))
 sys.path.insert(0, str(Path(__file__).parent))
 import test_adaptive_ddp_worker as worker  # noqa: E402
+from gloo_group import spawn_ranks  # noqa: E402
 from test_noise_problems import N_EXAMPLES  # noqa: E402
 
 WORLD = 2
@@ -24,12 +22,7 @@ WORLD = 2
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    directory = tmp_path_factory.mktemp("adaptive-ddp")
-    mp.spawn(worker.run_rank, args=(WORLD, str(directory / "init"), str(directory), str(HELPERS)),
-             nprocs=WORLD, join=True)
-    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    return spawn_ranks(worker.run_rank, WORLD, tmp_path_factory.mktemp("adaptive-ddp"), str(HELPERS))
 
 
 RUNS = ("whole", "accumulated", "affine")

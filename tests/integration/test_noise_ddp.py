@@ -4,13 +4,11 @@ single-process estimators on a small network, and be identical on every rank."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from batchscope.errors import UsageError
 from batchscope.probes.noise import estimate_noise_scale
@@ -20,6 +18,7 @@ HELPERS = Path(__file__).resolve().parents[1] / "unit" / "probes"
 sys.path.insert(0, str(HELPERS))  # the shared noise problems
 sys.path.insert(0, str(Path(__file__).parent))  # the rank function spawned processes import
 import test_noise_ddp_worker as worker  # noqa: E402
+from gloo_group import spawn_ranks  # noqa: E402
 from test_noise_problems import analytic_noise, linear_model, mlp_exact_noise, mlp_workload  # noqa: E402
 
 WORLD = 2
@@ -27,16 +26,7 @@ WORLD = 2
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    directory = tmp_path_factory.mktemp("ddp")
-    mp.spawn(
-        worker.run_rank,
-        args=(WORLD, str(directory / "init"), str(directory), str(HELPERS)),
-        nprocs=WORLD,
-        join=True,
-    )
-    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    return spawn_ranks(worker.run_rank, WORLD, tmp_path_factory.mktemp("ddp"), str(HELPERS))
 
 
 def test_all_ranks_report_the_same_estimates(rank_results):

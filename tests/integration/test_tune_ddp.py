@@ -4,27 +4,21 @@ device; a rank that cannot hold the batch, or a failure on rank 0, fails every r
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_tune_ddp_worker as worker  # noqa: E402
+from gloo_group import spawn_ranks  # noqa: E402
 
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    directory = tmp_path_factory.mktemp("tune-ddp")
-    mp.spawn(worker.run_rank, args=(WORLD, str(directory / "init"), str(directory)), nprocs=WORLD, join=True)
-    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    return spawn_ranks(worker.run_rank, WORLD, tmp_path_factory.mktemp("tune-ddp"))
 
 
 pytestmark = pytest.mark.slow

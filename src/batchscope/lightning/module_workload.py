@@ -26,6 +26,7 @@ The same workload goes on the CLI through an entry point: a function returning
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
@@ -203,14 +204,9 @@ def _configured_optimizer(module: nn.Module) -> torch.optim.Optimizer:
     """The single optimizer of `module.configure_optimizers()` (schedulers dropped)."""
     from lightning.pytorch.core.optimizer import _configure_optimizers
 
-    try:
+    with _no_trainer(f"{type(module).__name__}.configure_optimizers()",
+                     "build_optimizer=lambda params, lr: <optimizer>"):
         optimizers, _, _ = _configure_optimizers(module.configure_optimizers())
-    except RuntimeError as exc:
-        if "not attached to a `Trainer`" not in str(exc):
-            raise
-        raise UsageError(f"{type(module).__name__}.configure_optimizers() uses self.trainer, which "
-                         "tuning does not run; pass build_optimizer=lambda params, lr: <optimizer> "
-                         "to batchscope.lightning.workload") from None
     if len(optimizers) != 1 or not isinstance(optimizers[0], torch.optim.Optimizer):
         raise UsageError(f"{type(module).__name__}.configure_optimizers() returned "
                          f"{len(optimizers)} optimizers; batchscope tunes one, pass "
@@ -218,21 +214,28 @@ def _configured_optimizer(module: nn.Module) -> torch.optim.Optimizer:
     return optimizers[0]
 
 
+@contextlib.contextmanager
+def _no_trainer(what: str, fix: str) -> Iterator[None]:
+    """Lightning's "not attached to a `Trainer`" from `what`, as a one-line UsageError naming
+    the argument that replaces it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "not attached to a `Trainer`" not in str(exc):
+            raise
+        raise UsageError(f"{what} uses self.trainer, which tuning does not run; pass {fix} to "
+                         "batchscope.lightning.workload") from None
+
+
 def _training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """The loss `training_step` returns (batchscope runs backward and step itself)."""
     lightning_module = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
     step = lightning_module.training_step
     takes_index = len(inspect.signature(step).parameters) >= 2
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _no_trainer(f"{type(lightning_module).__name__}.training_step",
+                                                "loss=lambda model, batch: <the loss>"):
         warnings.filterwarnings("ignore", message=_NO_TRAINER_LOG_WARNING)
-        try:
-            output = step(batch, 0) if takes_index else step(batch)
-        except RuntimeError as exc:
-            if "not attached to a `Trainer`" not in str(exc):
-                raise
-            raise UsageError(f"{type(lightning_module).__name__}.training_step uses self.trainer, "
-                             "which tuning does not run; pass loss=lambda model, batch: <the loss> "
-                             "to batchscope.lightning.workload") from None
+        output = step(batch, 0) if takes_index else step(batch)
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise UsageError(f"{type(lightning_module).__name__}.training_step returned "
