@@ -226,6 +226,17 @@ def test_a_training_step_batchscope_cannot_call_is_named_with_the_fix(module, me
         job.loss(model, job.sample(8, torch.device("cpu"), torch.Generator().manual_seed(0)))
 
 
+def test_precision_and_a_manual_optimization_module_with_its_own_loss(data):
+    def loss(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    job = bl.workload(_Manual(), data, loss=loss, precision="bf16-mixed")
+    assert job.autocast_dtype is torch.bfloat16 and job.loss is loss
+    assert bl.workload(CifarModule(), data, precision="32-true").autocast_dtype is None
+    with pytest.raises(UsageError, match="precision='64' is not one of 32, 32-true, bf16-mixed, 16-mixed"):
+        bl.workload(CifarModule(), data, precision="64")
+
+
 def test_one_source_of_data_exactly():
     with pytest.raises(UsageError, match="exactly one of datamodule"):
         bl.workload(CifarModule())

@@ -51,14 +51,19 @@ TILE_FROM = 256
 
 def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoader | None = None,
              reference_batch_size: int | None = None, reference_lr: float | None = None,
-             name: str | None = None, **options: Any) -> Workload:
+             precision: str | int | None = None, name: str | None = None,
+             **options: Any) -> Workload:
     """The training job of `module` (a LightningModule) on `datamodule`'s train data (or on
     `train_dataloader`), as a `Workload`.
 
     Args:
-        reference_batch_size: the batch trained with today; default: the train loader's.
+        reference_batch_size: the batch trained with today; default: the train loader's (pass
+            the effective one when the Trainer accumulates gradients or runs on several devices:
+            loader batch x accumulate_grad_batches x devices).
         reference_lr: the LR at that batch; default: the largest param group's LR in
             `configure_optimizers()`.
+        precision: the Trainer's precision ("32-true", "bf16-mixed", "16-mixed"): the probes
+            then run under the same autocast.
         options: further `Workload` fields (e.g. `evaluate`, `schedule`, `warmup_epochs`,
             `autocast_dtype`, `optimizer_family`).
 
@@ -71,13 +76,15 @@ def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoade
     if type(module).training_step is pl.LightningModule.training_step:
         raise UsageError(f"{type(module).__name__} does not implement training_step; batchscope "
                          "takes the loss from it")
-    if not module.automatic_optimization:
+    user_loss = options.pop("loss", None)
+    if not module.automatic_optimization and user_loss is None:
         raise UsageError(f"{type(module).__name__} uses manual optimization, so its training_step "
                          "steps the optimizer itself; pass loss=lambda model, batch: <the loss> to "
                          "batchscope.lightning.workload")
+    if precision is not None:
+        options["autocast_dtype"] = _autocast_dtype(precision)
     loader = _train_loader(datamodule, train_dataloader)
     dataset = loader.dataset
-    user_loss = options.pop("loss", None)
     user_optimizer = options.pop("build_optimizer", None)
     if user_optimizer is not None:
         if reference_lr is None:
@@ -172,6 +179,18 @@ def tune(module: Any, datamodule: Any = None, *, train_dataloader: DataLoader | 
                    reference_batch_size=reference_batch_size, reference_lr=reference_lr,
                    **dict(workload_options or {}))
     return run_tune(job, **tune_options)
+
+
+# Lightning's precision names -> the autocast dtype its mixed-precision plugins use.
+_PRECISION = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def _autocast_dtype(precision: str | int) -> torch.dtype | None:
+    if str(precision) not in _PRECISION:
+        raise UsageError(f"precision={precision!r} is not one of {', '.join(_PRECISION)}; pass the "
+                         "Trainer's precision (true half precision, '16-true'/'bf16-true', is not "
+                         "supported: build the model in that dtype and pass precision='32-true')")
+    return _PRECISION[str(precision)]
 
 
 def _train_loader(datamodule: Any, train_dataloader: DataLoader | None) -> DataLoader:
