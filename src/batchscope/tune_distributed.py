@@ -1,31 +1,40 @@
 """`tune` called on every rank of a data-parallel job: one measurement, one answer, checked on
-every device.
+every device, and every failure shared so that no rank is left waiting.
 
 Ranks that each measured for themselves would come back with different timings, noise samples
 and so different recommendations, and a job whose ranks disagree on the batch size hangs or
 trains wrong. So:
 
-1. every rank times an all-reduce of the model's gradient size (what DDP adds to each
-   optimizer step), and the slowest rank's median is the plan's `sync_seconds`;
+1. every rank prepares (workload, device, budget) and builds the model once, to time an
+   all-reduce of its gradients on the job's own backend (what DDP adds to each optimizer step);
+   the slowest rank's median is the plan's `sync_seconds`;
 2. rank 0 runs the whole tune on its device, planning for the world size (the others wait);
-3. its result (or its error) is broadcast, so every rank returns the same `TuneResult`;
-4. every rank then runs real training steps at the recommended per-device micro-batch on its
-   own device (the memory probe's check: forward, backward, optimizer step, twice) and the
-   outcomes are gathered: a device that cannot hold it (less free memory, another job on it)
-   fails the call on every rank alike, naming the rank.
+3. its result is broadcast, so every rank returns the same `TuneResult`;
+4. every rank runs real training steps at the recommended per-device micro-batch on its own
+   device (the memory probe's check: forward, backward, optimizer step, twice); a device that
+   cannot hold it (less free memory, another job on it) fails the call on every rank alike,
+   naming the rank and why.
+
+Each stage ends with every rank telling the others whether it failed (`all_or_none`): a rank
+that fails raises its own error, the others a `ProbeFailedError` naming it, instead of waiting
+in the next collective until the process group times out. The waiting and the messages go over
+a gloo group of their own whose timeout covers rank 0's whole tune (NCCL's default of 10 minutes
+would not cover a long budget).
 
 Every rank must call `tune`; to measure on one process only (or off the cluster), pass
-`world_size=` explicitly, which plans for that many devices without any collective.
-The result crosses ranks with `broadcast_object_list` (pickle, between this job's own
+`world_size=` explicitly, which plans for that many devices without any collective. Results
+cross ranks with torch.distributed's object collectives (pickle, between this job's own
 processes; nothing is read back from disk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,132 +50,166 @@ if TYPE_CHECKING:
 
 VERIFY_STEPS = 2  # the first step allocates the optimizer state; the second is the steady peak
 SYNC_WARMUP, SYNC_TIMED = 2, 7  # all-reduces: the first ones set up buffers and connections
+# The coordination group waits out rank 0's tune: this much beyond the budget, and never less
+# than torch's own default for gloo.
+WAIT_SLACK_S, MIN_WAIT_S = 600.0, 1800.0
+
+class Prepared(Protocol):
+    """What each rank prepares before anything is measured (tuning's own preparation)."""
+
+    workload: Workload
+    device: torch.device
+    budget_bytes: int | None
 
 
-def tune_on_rank_zero(measure: Callable[[float], "TuneResult"], workload: Workload,
-                      device: torch.device, budget_bytes: int | None,
-                      say: Callable[[str], None]) -> "TuneResult":
-    """Time the gradient all-reduce on every rank, run `measure(sync_seconds)` (the one-process
-    tune) on rank 0, hand its result to every rank, and check the recommended per-device batch
-    on every rank's device (module docstring)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    say("timing the gradient all-reduce across the ranks")
-    sync = time_gradient_allreduce(workload, device)
-    outcome: list[Any] = [None]
-    if rank == 0:
-        try:
-            outcome[0] = measure(sync.seconds)
-        except BaseException as exc:
-            # The other ranks are waiting in the broadcast: tell them, then fail here too.
-            outcome[0] = _Failure(type(exc).__name__, str(exc))
-            _broadcast(outcome, device)
-            raise
-    else:
-        say(f"waiting for rank 0's measurements (rank {rank} of {world})")
-    _broadcast(outcome, device)
-    result = outcome[0]
-    if isinstance(result, _Failure):
-        raise ProbeFailedError(f"rank 0's tune failed, so rank {rank} has no recommendation: "
-                               f"{result.kind}: {result.message}")
-
-    per_device = result.recommendation.per_device_batch_size
-    say(f"checking per-device batch {per_device} on every rank")
-    probe = verify_batch(workload, device, per_device, budget_bytes)
-    outcomes = _gather(probe, device, world)
-    failed = [r for r, (fits, _) in enumerate(outcomes) if not fits]
-    result.record.sections["ranks"] = {
-        "world_size": world, "per_device_batch_size": per_device,
-        "allreduce_bytes": sync.bytes, "allreduce_s": sync.seconds,
-        "checked": [{"rank": r, "fits": fits, "peak_bytes": peak} for r, (fits, peak) in enumerate(outcomes)],
-    }
-    if rank == 0 and result.out_dir is not None:
-        from batchscope.report.tune_report import write_tune_report
-
-        result.record.save(result.out_dir / "run.json")
-        write_tune_report(result.record, result.out_dir)  # with the ranks' table
-    if failed:
-        raise ProbeFailedError(
-            f"per-device batch {per_device}, planned on rank 0, does not fit on rank(s) {failed}"
-            + (f" (here: {probe.reason})" if rank in failed else "")
-            + "; free memory there, or pass memory_budget= with the smallest rank's free memory "
-              "so rank 0 plans within it")
-    return result
+P = TypeVar("P", bound=Prepared)
 
 
 @dataclass(frozen=True)
 class SyncTime:
-    """One all-reduce of the model's gradients: its size and the slowest rank's median time."""
+    """One all-reduce of the model's gradients: its size and the slowest rank's median time
+    (0 when it could not be timed on this backend, with the reason)."""
 
     bytes: int
     seconds: float
+    note: str = ""
 
 
-def time_gradient_allreduce(workload: Workload, device: torch.device) -> SyncTime:
-    """What DDP adds to every optimizer step: an all-reduce of every trainable parameter's
-    gradient (one flat buffer here; DDP's buckets add a little latency, and it overlaps some of
-    it with the backward pass). Every rank must call it; all get the same answer."""
-    with StateGuard(rng=True):  # building a model draws from the RNG
-        model = workload.build_model(device)
-        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
-        del model
-    where = _collective_device(device)
-    buffer = torch.zeros(numel, dtype=dtype, device=where)
+def tune_on_every_rank(prepare: Callable[[], P], measure: Callable[[P, float], "TuneResult"], *,
+                       budget_s: float, say: Callable[[str], None]) -> "TuneResult":
+    """The module docstring's stages; every rank returns rank 0's result or raises."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    say(f"rank {rank} of {world}: waiting for every rank to call tune (or pass world_size= "
+        f"to tune on one)")
+    group = _coordination_group(budget_s)
+    try:
+        with all_or_none("preparing tune", group):
+            prepared = prepare()
+            workload, device = prepared.workload, prepared.device
+            numel, dtype = _gradient_shape(workload, device)
+        say("timing the gradient all-reduce across the ranks")
+        sync = time_allreduce(numel, dtype, device)
+        if rank != 0:
+            say(f"waiting for rank 0's measurements (rank {rank} of {world})")
+        with all_or_none("rank 0's measurement", group):
+            result = measure(prepared, sync.seconds) if rank == 0 else None
+        box = [result]
+        dist.broadcast_object_list(box, src=0, group=group)
+        result = box[0]
+
+        per_device = result.recommendation.per_device_batch_size
+        say(f"checking per-device batch {per_device} on every rank")
+        probe = verify_batch(workload, device, per_device, prepared.budget_bytes)
+        checks: list[Any] = [None] * world
+        dist.all_gather_object(checks, {"fits": probe.fits, "peak_bytes": probe.peak_bytes,
+                                        "reason": probe.reason}, group=group)
+        result.record.sections["ranks"] = {
+            "world_size": world, "per_device_batch_size": per_device,
+            "allreduce_bytes": sync.bytes, "allreduce_s": sync.seconds, "allreduce_note": sync.note,
+            "checked": [{"rank": r, **check} for r, check in enumerate(checks)],
+        }
+        with all_or_none("writing the run record", group):
+            if rank == 0 and result.out_dir is not None:
+                from batchscope.report.tune_report import write_tune_report
+
+                result.record.save(result.out_dir / "run.json")
+                write_tune_report(result.record, result.out_dir)  # with the ranks' table
+        failed = [f"rank {r} ({check['reason']})" for r, check in enumerate(checks) if not check["fits"]]
+        if failed:
+            raise ProbeFailedError(
+                f"per-device batch {per_device}, planned on rank 0, does not fit on "
+                f"{', '.join(failed)}; free memory there, or pass memory_budget= with the smallest "
+                f"rank's free memory so rank 0 plans within it")
+        return result
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+
+
+@contextlib.contextmanager
+def all_or_none(stage: str, group: Any) -> Iterator[None]:
+    """Run the block on every rank, then agree: if it failed anywhere, it fails everywhere. The
+    failing rank re-raises its own error (a UsageError stays one); the others raise a
+    ProbeFailedError naming the rank(s) and the error."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - shared below, then raised again
+        error = exc
+    texts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(texts, None if error is None else f"{type(error).__name__}: {error}",
+                           group=group)
+    if error is not None:
+        raise error
+    failed = [f"rank {r}: {text}" for r, text in enumerate(texts) if text is not None]
+    if failed:
+        raise ProbeFailedError(f"{stage} failed on {'; '.join(failed)}; rank "
+                               f"{dist.get_rank()} stops with it")
+
+
+def time_allreduce(numel: int, dtype: torch.dtype, device: torch.device) -> SyncTime:
+    """Time an all-reduce of `numel` gradients on the job's default group, on `device` (on its
+    own backend: NCCL for CUDA, gloo for CPU...). Every rank must call it."""
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu" and dist.get_backend() == "nccl":
+        return SyncTime(size, 0.0, "not timed: the job's NCCL group cannot all-reduce CPU tensors")
+    buffer = torch.zeros(numel, dtype=dtype, device=device)
     times = []
     for index in range(SYNC_WARMUP + SYNC_TIMED):
-        devices.synchronize(where)
+        devices.synchronize(device)
         started = time.perf_counter()
         dist.all_reduce(buffer)
-        devices.synchronize(where)
+        devices.synchronize(device)
         if index >= SYNC_WARMUP:
             times.append(time.perf_counter() - started)
-    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=where)
+    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     del buffer
-    devices.release_memory(where)
-    return SyncTime(bytes=numel * torch.empty((), dtype=dtype).element_size(), seconds=float(slowest))
+    devices.release_memory(device)
+    return SyncTime(bytes=size, seconds=float(slowest))
 
 
 def verify_batch(workload: Workload, device: torch.device, batch_size: int,
                  budget_bytes: int | None) -> MemoryProbe:
     """Real training steps at `batch_size` on this rank's device, judged as a memory probe is
-    (an OOM, a missing step or a peak over the budget fails it); user state restored."""
-    budget = budget_bytes if budget_bytes is not None else devices.total_memory_bytes(device)
-    with StateGuard(rng=True) as guard:
-        runner = InProcessRunner(workload, device, ProbePlan(budget_bytes=budget, steps=VERIFY_STEPS),
-                                 guard, warm_batch_size=1)
-        try:
-            return runner.probe(batch_size)
-        finally:
-            runner.close()
+    (an OOM, a missing step or a peak over the budget fails it); user state restored. Any error
+    (the model alone does not fit, the workload fails here) is a failed check, not a raise: the
+    other ranks are about to wait for this one's answer."""
+    started = time.perf_counter()
+    try:
+        budget = budget_bytes if budget_bytes is not None else devices.total_memory_bytes(device)
+        with StateGuard(rng=True) as guard:
+            runner = InProcessRunner(workload, device, ProbePlan(budget_bytes=budget, steps=VERIFY_STEPS),
+                                     guard, warm_batch_size=1)
+            try:
+                return runner.probe(batch_size)
+            finally:
+                runner.close()
+    except Exception as exc:  # noqa: BLE001 - reported to every rank as this rank's failure
+        return MemoryProbe(batch_size, False, None, time.perf_counter() - started, 0,
+                           f"{type(exc).__name__}: {exc}")
 
 
-@dataclass(frozen=True)
-class _Failure:
-    """Rank 0's error, as the other ranks receive it (its type's name and message: the
-    exception itself may not survive pickling)."""
-
-    kind: str
-    message: str
-
-
-def _collective_device(device: torch.device) -> torch.device:
-    # NCCL moves only CUDA tensors; gloo (and the object broadcast's sizes) wants CPU ones.
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+def _gradient_shape(workload: Workload, device: torch.device) -> tuple[int, torch.dtype]:
+    """Trainable parameters of the workload's model, and their dtype (DDP reduces gradients in
+    the parameters' dtype, also under autocast)."""
+    with StateGuard(rng=True):  # building a model draws from the RNG
+        model = workload.build_model(device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        shape = sum(p.numel() for p in trainable), (trainable[0].dtype if trainable else torch.float32)
+        del model, trainable
+    devices.release_memory(device)
+    return shape
 
 
-def _broadcast(box: list[Any], device: torch.device) -> None:
-    dist.broadcast_object_list(box, src=0, device=_collective_device(device))
+def _coordination_group(budget_s: float) -> Any:
+    """A gloo group for the waiting and the messages, with a timeout past rank 0's tune (None:
+    no gloo in this build, the default group is used and its timeout applies)."""
+    if not dist.is_gloo_available():
+        return None
+    return dist.new_group(backend="gloo",
+                          timeout=timedelta(seconds=max(MIN_WAIT_S, 3 * budget_s + WAIT_SLACK_S)))
 
 
-def _gather(probe: MemoryProbe, device: torch.device, world: int) -> list[tuple[bool, int | None]]:
-    """(fits, peak bytes or None) of every rank, in rank order."""
-    where = _collective_device(device)
-    mine = torch.tensor([int(probe.fits), -1 if probe.peak_bytes is None else probe.peak_bytes],
-                        dtype=torch.int64, device=where)
-    everyone = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine)
-    return [(bool(t[0]), None if int(t[1]) < 0 else int(t[1])) for t in everyone]
-
-
-__all__ = ["SyncTime", "time_gradient_allreduce", "tune_on_rank_zero", "verify_batch"]
+__all__ = ["Prepared", "SyncTime", "all_or_none", "time_allreduce", "tune_on_every_rank",
+           "verify_batch"]

@@ -148,30 +148,41 @@ def tune(
     """
     started = time.perf_counter()
     say = progress or (lambda message: logger.info(message))
-    _check_arguments(budget_s, target, optimizer_family)
     world = _world_size(world_size)
-    if lr_rule is not None:  # a bad rule fails before minutes of probing, not after
-        lr_rule = scaling.rule_name(lr_rule)
-    resolved = resolve_workload(workload, **(workload_options or {}))
-    family = optimizer_family or resolved.optimizer_family
-    where = devices.resolve_device(device)
-    budget_bytes = _memory_budget(memory_budget, where)
 
-    def measure(sync_seconds: float = 0.0, write_report: bool = True) -> TuneResult:
-        return _measure(resolved, where, budget_bytes, _prepare_out_dir(out_dir), world=world,
-                        budget_s=budget_s, target=target, family=family, lr_rule=lr_rule,
-                        say=say, started=started, write_report=write_report,
-                        sync_seconds=sync_seconds)
+    def prepare() -> _Prepared:
+        _check_arguments(budget_s, target, optimizer_family)
+        # A bad rule fails before minutes of probing, not after.
+        rule = scaling.rule_name(lr_rule) if lr_rule is not None else None
+        resolved = resolve_workload(workload, **(workload_options or {}))
+        where = devices.resolve_device(device)
+        return _Prepared(resolved, where, _memory_budget(memory_budget, where),
+                         optimizer_family or resolved.optimizer_family, rule)
+
+    def measure(prepared: _Prepared, sync_seconds: float = 0.0, write_report: bool = True) -> TuneResult:
+        return _measure(prepared.workload, prepared.device, prepared.budget_bytes,
+                        _prepare_out_dir(out_dir), world=world, budget_s=budget_s, target=target,
+                        family=prepared.family, lr_rule=prepared.lr_rule, say=say, started=started,
+                        write_report=write_report, sync_seconds=sync_seconds)
 
     if world_size is None and world > 1:
         # Every rank of a data-parallel job called tune: rank 0 measures for all of them (with
         # the all-reduce timed across the ranks), and writes the report once every rank has
-        # checked the batch.
-        from batchscope.tune_distributed import tune_on_rank_zero
+        # checked the batch (tune_distributed).
+        from batchscope.tune_distributed import tune_on_every_rank
 
-        return tune_on_rank_zero(lambda sync: measure(sync, write_report=False), resolved, where,
-                                 budget_bytes, say)
-    return measure()
+        return tune_on_every_rank(prepare, lambda prepared, sync: measure(prepared, sync, False),
+                                  budget_s=budget_s, say=say)
+    return measure(prepare())
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    workload: Workload
+    device: torch.device
+    budget_bytes: int | None
+    family: str
+    lr_rule: str | None
 
 
 def _measure(resolved: Workload, where: torch.device, budget_bytes: int | None, out: Path | None,

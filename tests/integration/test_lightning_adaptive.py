@@ -308,7 +308,11 @@ def ddp_ranks(tuned, train_set, tmp_path_factory):
         memory=dataclasses.replace(tuned.memory, recommended_batch_size=16))
     directory = tmp_path_factory.mktemp("lightning-adaptive-ddp")
     callback = AdaptiveBatchSizeCallback(shared, epochs=1, dataset_size=TRAIN_SIZE, **SETTINGS)
-    module = worker.CifarClassifier(callback, train_set, out_dir=str(directory))
+    # Rank 1 tuned for itself and got another base LR (10x): the callback starts every rank
+    # from rank 0's result, or the ranks' LRs would differ.
+    own = dataclasses.replace(shared, recommendation=dataclasses.replace(
+        shared.recommendation, base_learning_rate=10 * shared.recommendation.base_learning_rate))
+    module = worker.CifarClassifier(callback, train_set, out_dir=str(directory), rank_one_result=own)
     environment = dict(os.environ)  # ddp_spawn sets MASTER_ADDR/PORT etc. in this process
     try:
         fit(callback, train_set, directory, module=module, accelerator="cpu", devices=2,

@@ -32,8 +32,12 @@ class CifarClassifier(pl.LightningModule):
     sampler), recording what every training_step saw and set. Batches are (images, labels,
     dataset indices)."""
 
-    def __init__(self, adaptive: Any, train_set: Dataset, *, out_dir: str | None = None) -> None:
+    def __init__(self, adaptive: Any, train_set: Dataset, *, out_dir: str | None = None,
+                 rank_one_result: Any = None) -> None:
         super().__init__()
+        # Under strategy="ddp" every rank runs the user's script, tune included: rank 1 may
+        # hold another result than rank 0 when the fit starts.
+        self.rank_one_result = rank_one_result
         self.automatic_optimization = False
         self.adaptive = adaptive
         self.train_set = train_set
@@ -45,6 +49,8 @@ class CifarClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:  # a spawned rank: two ranks share the two test cores
             torch.set_num_threads(1)
+        if self.global_rank == 1 and self.rank_one_result is not None:
+            self.adaptive.result = self.rank_one_result
 
     def on_fit_start(self) -> None:
         # Lightning registers DDP communication hooks on CUDA only; this one counts on gloo.

@@ -237,6 +237,21 @@ def test_precision_and_a_manual_optimization_module_with_its_own_loss(data):
         bl.workload(CifarModule(), data, precision="64")
 
 
+class _OneCycle(CifarModule):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+        # It starts at max_lr / 25 = 0.004: the LR the module trains at is its peak, 0.1.
+        return [optimizer], [torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=100)]
+
+
+def test_a_one_cycle_schedules_peak_is_the_reference_lr(data):
+    job = bl.workload(_OneCycle(), data)
+    assert job.reference_lr == 0.1
+    optimizer = job.build_optimizer(job.build_model(torch.device("cpu")).parameters(), 0.3)
+    assert optimizer.param_groups[0]["lr"] == 0.3
+    assert not {"initial_lr", "max_lr", "min_lr"} & set(optimizer.param_groups[0])
+
+
 def test_one_source_of_data_exactly():
     with pytest.raises(UsageError, match="exactly one of datamodule"):
         bl.workload(CifarModule())

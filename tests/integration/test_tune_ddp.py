@@ -50,17 +50,29 @@ def test_every_rank_returns_rank_zeros_recommendation_for_the_world(ranks):
 
 def test_a_rank_that_cannot_hold_the_batch_fails_every_rank_naming_it(ranks):
     first, second = ranks[0]["smaller"], ranks[1]["smaller"]
-    assert first["error"].startswith("ProbeFailedError: per-device batch")
-    assert "planned on rank 0, does not fit on rank(s) [1]" in first["error"]
-    assert "does not fit on rank(s) [1]" in second["error"]
-    assert "(here: over budget" in second["error"] and "(here:" not in first["error"]
-    assert "memory_budget=" in first["error"]
+    assert first["error"] == second["error"]
+    assert first["error"].startswith("ProbeFailedError: per-device batch 32, planned on rank 0, "
+                                     "does not fit on rank 1 (over budget: peak ")
+    assert "> 2.00 MiB); free memory there, or pass memory_budget=" in first["error"]
     assert first["rng_kept"] and second["rng_kept"]
+
+
+def test_a_rank_whose_check_raises_fails_every_rank_instead_of_leaving_them_waiting(ranks):
+    first, second = ranks[0]["full_device"], ranks[1]["full_device"]
+    assert first["error"] == second["error"]
+    assert "does not fit on rank 1 (ProbeFailedError: the model of workload" in first["error"]
+    assert "CUDA out of memory" in first["error"]
 
 
 def test_a_failure_on_rank_zero_reaches_the_waiting_ranks(ranks):
     first, second = ranks[0]["broken"], ranks[1]["broken"]
-    assert "the loss of this workload is broken" in first["error"]
-    assert second["error"].startswith("ProbeFailedError: rank 0's tune failed, so rank 1 has no "
-                                      "recommendation")
-    assert "the loss of this workload is broken" in second["error"]
+    assert first["error"] == "ValueError: the loss of this workload is broken"  # its own error
+    assert second["error"] == ("ProbeFailedError: rank 0's measurement failed on rank 0: ValueError: "
+                               "the loss of this workload is broken; rank 1 stops with it")
+
+
+def test_a_rank_failing_before_any_measurement_stops_every_rank(ranks):
+    first, second = ranks[0]["unprepared"], ranks[1]["unprepared"]
+    assert second["error"].startswith("UsageError: ") and "'lots'" in second["error"]
+    assert first["error"].startswith("ProbeFailedError: preparing tune failed on rank 1: UsageError: ")
+    assert first["error"].endswith("; rank 0 stops with it")

@@ -25,7 +25,11 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         report = {"agreed": _tune(rank, out / f"agreed{rank}", "256MiB"),
                   # Rank 1's device is "smaller": the per-device batch rank 0 finds cannot fit it.
                   "smaller": _tune(rank, out / f"smaller{rank}", "256MiB" if rank == 0 else "2MiB"),
-                  "broken": _tune(rank, None, "256MiB", workload=_broken_workload())}
+                  "broken": _tune(rank, None, "256MiB", workload=_broken_workload()),
+                  # Rank 1 fails before any measurement (a bad argument of its own).
+                  "unprepared": _tune(rank, None, "256MiB" if rank == 0 else "lots"),
+                  # Rank 1's model no longer fits when its check builds it (an OOM, not a raise).
+                  "full_device": _tune(rank, None, "256MiB", workload=_full_on_second_build(rank))}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
@@ -57,3 +61,16 @@ def _broken_workload() -> batchscope.Workload:
         raise ValueError("the loss of this workload is broken")
 
     return workload.with_settings(loss=loss)
+
+
+def _full_on_second_build(rank: int) -> batchscope.Workload:
+    workload = resolve_workload("small-cnn-cifar10", **OPTIONS)
+    builds = [0]
+
+    def build_model(device):
+        builds[0] += 1
+        if rank == 1 and builds[0] == 2:  # the first build times the all-reduce
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return workload.build_model(device)
+
+    return workload.with_settings(build_model=build_model)

@@ -173,17 +173,23 @@ class AdaptiveBatchSize:
             raise UsageError("the workload has no dataset_size; pass dataset_size=len(train_set)")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
             raise UsageError(f"epochs={epochs!r} must be a positive number of epochs to train")
-        from batchscope.tuning import EXAMPLES_SLACK, MAX_ACCUMULATION
+        from batchscope.tuning import EXAMPLES_SLACK, _max_accumulation
 
         world, _ = _data_parallel(options.get("group"))
         # The all-reduce tune timed across the ranks holds for this job only on as many ranks.
         sync = float(getattr(result.plan, "sync_seconds", 0.0) or 0.0) if world == rec.world_size else 0.0
+        # The policy plans per device (class docstring): the reference and the batches it may
+        # pick are per-device ones (tune's one-device candidates), and no global batch may
+        # exceed the dataset.
+        max_fit = result.memory.recommended_batch_size
+        reference = math.ceil(rec.base_batch_size / world)
+        shares = sorted(result.candidates or [point.batch_size for point in result.plan.curve])
         policy = BatchSizePolicy(
             result.step_time,
-            result.candidates or [point.batch_size for point in result.plan.curve],
-            max_fit_batch_size=result.memory.recommended_batch_size,
-            reference_batch_size=rec.base_batch_size,
-            max_accumulation=max(MAX_ACCUMULATION, rec.grad_accumulation),
+            [b for b in shares if b * world <= int(size)] or shares[:1],
+            max_fit_batch_size=max_fit,
+            reference_batch_size=reference,
+            max_accumulation=max(_max_accumulation(reference, max_fit), rec.grad_accumulation),
             examples_slack=EXAMPLES_SLACK if result.target == "examples" else None,
             sync_seconds=sync, **{k: options.pop(k) for k in ("max_growth", "min_gain", "allow_shrink") if k in options})
         size = require_int("dataset_size", size)

@@ -18,9 +18,9 @@ run as above (k micro batches of m <= max_fit), and all W devices step together,
 X(B) = B / (k t(m) + s) with t the per-device step time measured on one device and s the
 gradient all-reduce's seconds per optimizer step (once per step, after the last micro batch),
 when it was measured: counted in full, as if nothing overlapped it with the backward pass, so
-slightly pessimistic. Since (B + B_noise) / X(B) = W (b + B_noise/W) / X_1(b), this is the
-one-device plan for the per-device batch against a noise scale of B_noise / W (what the
-adaptive mode uses under DDP).
+slightly pessimistic. Since (B + B_noise) / X(B) = (b + B_noise/W) / X_1(b), with
+X_1(b) = b / (k t(m) + s) one device's throughput, this is the one-device plan for the
+per-device batch against a noise scale of B_noise / W (what the adaptive mode uses under DDP).
 """
 
 from __future__ import annotations

@@ -180,6 +180,12 @@ class AdaptiveBatchSizeCallback(pl.Callback):
                 raise UsageError(f"out_dir={str(self.out_dir)!r} is not writable ({exc.strerror}); "
                                  "pass a writable directory") from None
         self._release()
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Under strategy="ddp" every rank ran the script, tune included, before the process
+            # group existed, so each may hold its own result: all start from rank 0's.
+            box = [self.result]
+            torch.distributed.broadcast_object_list(box, src=0)
+            self.result = box[0]
         # Under DDP strategy.model is the DistributedDataParallel wrapper (same parameters as the
         # module): the controller needs its no_sync() so that only a step's last micro-batch
         # all-reduces (Lightning's manual_backward then skips DDP's prepare_for_backward).

@@ -116,10 +116,11 @@ def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoade
             optimizer.param_groups[0]["lr"] = largest_lr
         for group in optimizer.param_groups:
             # A scheduler built in configure_optimizers has moved "lr" to its first value and
-            # kept the base in "initial_lr"; the base is what scales, and a later scheduler
-            # must record its own base.
+            # kept the base ("initial_lr", "max_lr"); the base is what scales, and a later
+            # scheduler must record its own.
             group["lr"] = lr * (_base_lr(group) / largest_lr)  # exactly lr for the largest
-            group.pop("initial_lr", None)
+            for key in ("initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum"):
+                group.pop(key, None)
         return optimizer
 
     def make_batch(batch_size: int, device: torch.device, generator: torch.Generator) -> Any:
@@ -298,7 +299,9 @@ def _repeat_to(batch: Any, size: int) -> Any:
 
 
 def _base_lr(group: Mapping[str, Any]) -> float:
-    return float(group.get("initial_lr", group["lr"]))
+    """The LR the group trains at: a cyclic schedule's peak ("max_lr": OneCycleLR, CyclicLR),
+    else the base a scheduler keeps ("initial_lr"), else the group's LR."""
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
 
 
 def _param_ids(optimizer: torch.optim.Optimizer) -> set[int]:

@@ -312,7 +312,8 @@ def test_adascale_follows_the_latest_measured_noise_scale():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (noise / 16 + 1) / (noise / 64 + 1))
 
 
-def _tune_result(warmup_steps: int, warmup_epochs: float, target: str = "time", world_size: int = 1):
+def _tune_result(warmup_steps: int, warmup_epochs: float, target: str = "time", world_size: int = 1,
+                 base_batch_size: int = 16):
     """The parts of a TuneResult that from_tune reads (a real one: tests/integration)."""
     from types import SimpleNamespace
 
@@ -320,8 +321,8 @@ def _tune_result(warmup_steps: int, warmup_epochs: float, target: str = "time", 
 
     rec = Recommendation(batch_size=32 * world_size, per_device_batch_size=32, grad_accumulation=1,
                          learning_rate=0.02, lr_rule="linear", warmup_steps=warmup_steps,
-                         predicted_speedup_vs_reference=1.5, base_batch_size=16, base_learning_rate=0.01,
-                         world_size=world_size)
+                         predicted_speedup_vs_reference=1.5, base_batch_size=base_batch_size,
+                         base_learning_rate=0.01, world_size=world_size)
     return SimpleNamespace(
         recommendation=rec, step_time=step_time(), candidates=tuple(CANDIDATES), target=target,
         plan=SimpleNamespace(curve=[SimpleNamespace(batch_size=b) for b in CANDIDATES], noise_scale=40.0),
@@ -357,6 +358,16 @@ def test_a_tune_planned_for_four_devices_run_on_one_restarts_from_the_one_device
     timed = _tune_result(0, 0.0)
     timed.plan.sync_seconds = 0.004
     assert AdaptiveBatchSize.from_tune(timed, model, optimizer, epochs=1).policy.sync_seconds == 0.004
+
+
+def test_a_reference_far_above_what_fits_still_lets_the_policy_plan():
+    # 2048 at 64 a micro-batch is 32 accumulated steps: tune allows it (its plan must express
+    # the reference), so the policy must too, or its first decision raises.
+    model = linear_model()
+    adaptive = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0, base_batch_size=2048), model,
+                                           torch.optim.SGD(model.parameters(), lr=0.1), epochs=1)
+    assert adaptive.policy.max_accumulation == 32
+    assert adaptive.policy.decide(32, 40.0).optimum in CANDIDATES
 
 
 def test_with_a_grad_scaler_the_measured_sample_is_the_unscaled_one():
