@@ -30,6 +30,8 @@ processes; nothing is read back from disk).
 from __future__ import annotations
 
 import contextlib
+import math
+import pickle
 import statistics
 import time
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ VERIFY_STEPS = 2  # the first step allocates the optimizer state; the second is 
 SYNC_WARMUP, SYNC_TIMED = 2, 7  # all-reduces: the first ones set up buffers and connections
 # The coordination group waits out rank 0's tune: this much beyond the budget, and never less
 # than torch's own default for gloo.
-WAIT_SLACK_S, MIN_WAIT_S = 600.0, 1800.0
+WAIT_SLACK_S, MIN_WAIT_S, MAX_WAIT_S = 600.0, 1800.0, 7 * 24 * 3600.0
 
 class Prepared(Protocol):
     """What each rank prepares before anything is measured (tuning's own preparation)."""
@@ -77,38 +79,49 @@ class SyncTime:
 
 def tune_on_every_rank(prepare: Callable[[], P], measure: Callable[[P, float], "TuneResult"], *,
                        budget_s: float, say: Callable[[str], None]) -> "TuneResult":
-    """The module docstring's stages; every rank returns rank 0's result or raises."""
+    """The module docstring's stages; every rank returns rank 0's result or raises. Everything
+    a rank does on its own (progress messages included) sits inside an agreement point, so the
+    collectives between them are entered by every rank or by none."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    say(f"rank {rank} of {world}: waiting for every rank to call tune (or pass world_size= "
-        f"to tune on one)")
     group = _coordination_group(budget_s)
     try:
         with all_or_none("preparing tune", group):
+            say(f"rank {rank} of {world}: preparing (every rank must call tune, or pass "
+                f"world_size= to tune on one)")
             prepared = prepare()
             workload, device = prepared.workload, prepared.device
-            numel, dtype = _gradient_shape(workload, device)
-        say("timing the gradient all-reduce across the ranks")
-        sync = time_allreduce(numel, dtype, device)
-        if rank != 0:
-            say(f"waiting for rank 0's measurements (rank {rank} of {world})")
+            buffer = _gradient_buffer(workload, device)
+            say("timing the gradient all-reduce across the ranks")
+        sync = time_allreduce(buffer, device)
+        del buffer
+        devices.release_memory(device)
+
         with all_or_none("rank 0's measurement", group):
-            result = measure(prepared, sync.seconds) if rank == 0 else None
+            if rank == 0:
+                result = measure(prepared, sync.seconds)
+                pickle.dumps(result)  # what the broadcast sends: fail here, where all agree
+            else:
+                result = None
+                say(f"waiting for rank 0's measurements (rank {rank} of {world})")
         box = [result]
         dist.broadcast_object_list(box, src=0, group=group)
         result = box[0]
 
-        per_device = result.recommendation.per_device_batch_size
-        say(f"checking per-device batch {per_device} on every rank")
-        probe = verify_batch(workload, device, per_device, prepared.budget_bytes)
+        with all_or_none("checking the per-device batch", group):
+            per_device = result.recommendation.per_device_batch_size
+            say(f"checking per-device batch {per_device} on every rank")
+            probe = verify_batch(workload, device, per_device, prepared.budget_bytes)
         checks: list[Any] = [None] * world
         dist.all_gather_object(checks, {"fits": probe.fits, "peak_bytes": probe.peak_bytes,
                                         "reason": probe.reason}, group=group)
-        result.record.sections["ranks"] = {
-            "world_size": world, "per_device_batch_size": per_device,
-            "allreduce_bytes": sync.bytes, "allreduce_s": sync.seconds, "allreduce_note": sync.note,
-            "checked": [{"rank": r, **check} for r, check in enumerate(checks)],
-        }
+
         with all_or_none("writing the run record", group):
+            result.record.sections["ranks"] = {
+                "world_size": world, "per_device_batch_size": per_device,
+                "allreduce_bytes": sync.bytes, "allreduce_s": sync.seconds,
+                "allreduce_note": sync.note,
+                "checked": [{"rank": r, **check} for r, check in enumerate(checks)],
+            }
             if rank == 0 and result.out_dir is not None:
                 from batchscope.report.tune_report import write_tune_report
 
@@ -137,8 +150,7 @@ def all_or_none(stage: str, group: Any) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - shared below, then raised again
         error = exc
     texts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(texts, None if error is None else f"{type(error).__name__}: {error}",
-                           group=group)
+    dist.all_gather_object(texts, None if error is None else _describe(error), group=group)
     if error is not None:
         raise error
     failed = [f"rank {r}: {text}" for r, text in enumerate(texts) if text is not None]
@@ -147,13 +159,21 @@ def all_or_none(stage: str, group: Any) -> Iterator[None]:
                                f"{dist.get_rank()} stops with it")
 
 
-def time_allreduce(numel: int, dtype: torch.dtype, device: torch.device) -> SyncTime:
-    """Time an all-reduce of `numel` gradients on the job's default group, on `device` (on its
-    own backend: NCCL for CUDA, gloo for CPU...). Every rank must call it."""
-    size = numel * torch.empty((), dtype=dtype).element_size()
-    if device.type == "cpu" and dist.get_backend() == "nccl":
-        return SyncTime(size, 0.0, "not timed: the job's NCCL group cannot all-reduce CPU tensors")
-    buffer = torch.zeros(numel, dtype=dtype, device=device)
+def _describe(error: Exception) -> str:
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:  # noqa: BLE001 - an error whose message fails must still be shared
+        return type(error).__name__
+
+
+def time_allreduce(buffer: torch.Tensor, device: torch.device) -> SyncTime:
+    """Time all-reduces of `buffer` (the gradients' size) on the job's default group, on the
+    job's own backend for `device` (NCCL for CUDA, gloo for CPU...). Every rank must call it;
+    nothing but collectives and device synchronisation happens in it. An empty buffer means
+    the backend cannot reduce this device's tensors: not timed."""
+    size = buffer.numel() * buffer.element_size()
+    if buffer.numel() == 0:
+        return SyncTime(0, 0.0, "not timed: the job's NCCL group cannot all-reduce CPU tensors")
     times = []
     for index in range(SYNC_WARMUP + SYNC_TIMED):
         devices.synchronize(device)
@@ -164,8 +184,6 @@ def time_allreduce(numel: int, dtype: torch.dtype, device: torch.device) -> Sync
             times.append(time.perf_counter() - started)
     slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    del buffer
-    devices.release_memory(device)
     return SyncTime(bytes=size, seconds=float(slowest))
 
 
@@ -190,16 +208,22 @@ def verify_batch(workload: Workload, device: torch.device, batch_size: int,
                            f"{type(exc).__name__}: {exc}")
 
 
-def _gradient_shape(workload: Workload, device: torch.device) -> tuple[int, torch.dtype]:
-    """Trainable parameters of the workload's model, and their dtype (DDP reduces gradients in
-    the parameters' dtype, also under autocast)."""
+def _gradient_buffer(workload: Workload, device: torch.device) -> torch.Tensor:
+    """A zeroed buffer the size of the model's trainable gradients, in their dtype (DDP reduces
+    gradients in the parameters' dtype, also under autocast), on `device`; empty when the job's
+    backend cannot reduce this device's tensors."""
     with StateGuard(rng=True):  # building a model draws from the RNG
         model = workload.build_model(device)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        shape = sum(p.numel() for p in trainable), (trainable[0].dtype if trainable else torch.float32)
+        numel = sum(p.numel() for p in trainable)
+        dtype = trainable[0].dtype if trainable else torch.float32
         del model, trainable
     devices.release_memory(device)
-    return shape
+    if device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.zeros(0, dtype=dtype)
+    buffer = torch.zeros(numel, dtype=dtype, device=device)
+    devices.synchronize(device)  # an allocation failure surfaces here, inside the agreement
+    return buffer
 
 
 def _coordination_group(budget_s: float) -> Any:
@@ -207,8 +231,8 @@ def _coordination_group(budget_s: float) -> Any:
     no gloo in this build, the default group is used and its timeout applies)."""
     if not dist.is_gloo_available():
         return None
-    return dist.new_group(backend="gloo",
-                          timeout=timedelta(seconds=max(MIN_WAIT_S, 3 * budget_s + WAIT_SLACK_S)))
+    wait = 3 * float(budget_s) + WAIT_SLACK_S if math.isfinite(float(budget_s)) else MAX_WAIT_S
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=min(MAX_WAIT_S, max(MIN_WAIT_S, wait))))
 
 
 __all__ = ["Prepared", "SyncTime", "all_or_none", "time_allreduce", "tune_on_every_rank",

@@ -148,10 +148,10 @@ def tune(
     """
     started = time.perf_counter()
     say = progress or (lambda message: logger.info(message))
+    _check_arguments(budget_s, target, optimizer_family)
     world = _world_size(world_size)
 
     def prepare() -> _Prepared:
-        _check_arguments(budget_s, target, optimizer_family)
         # A bad rule fails before minutes of probing, not after.
         rule = scaling.rule_name(lr_rule) if lr_rule is not None else None
         resolved = resolve_workload(workload, **(workload_options or {}))
@@ -299,7 +299,10 @@ def _measure(resolved: Workload, where: torch.device, budget_bytes: int | None, 
 
 
 def _check_arguments(budget_s: float, target: str, family: str | None) -> None:
-    if not isinstance(budget_s, (int, float)) or not budget_s >= MIN_BUDGET_S:
+    if isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool) and budget_s == math.inf:
+        raise UsageError("budget=inf: give a finite number of seconds (a ceiling; tune stops once "
+                         "it has its answer, so a generous one costs nothing)")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s >= MIN_BUDGET_S:
         raise UsageError(
             f"budget={budget_s!r} seconds is too small to measure anything; give at least "
             f"{MIN_BUDGET_S:g} (a few minutes is typical)"

@@ -267,6 +267,13 @@ def test_a_setup_the_callback_cannot_drive_is_refused_in_one_line(growing, train
     assert callback.controller is None
 
 
+def test_without_a_tune_result_on_rank_zero_the_fit_is_refused(train_set, tmp_path):
+    # Only the other ranks of a DDP job may leave it to rank 0's (see the DDP test).
+    callback = AdaptiveBatchSizeCallback(None, epochs=1, dataset_size=TRAIN_SIZE)
+    with pytest.raises(UsageError, match="rank 0 has no tune result"):
+        fit(callback, train_set, tmp_path, module=worker.CifarClassifier(callback, train_set))
+
+
 def test_bad_settings_and_misuse_are_one_line_usage_errors(growing, train_set):
     with pytest.raises(UsageError, match="unknown option\\(s\\) lr_rule for AdaptiveBatchSizeCallback"):
         AdaptiveBatchSizeCallback(growing, epochs=1, dataset_size=TRAIN_SIZE, lr_rule="sqrt")

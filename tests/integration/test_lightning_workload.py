@@ -244,12 +244,26 @@ class _OneCycle(CifarModule):
         return [optimizer], [torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=100)]
 
 
-def test_a_one_cycle_schedules_peak_is_the_reference_lr(data):
-    job = bl.workload(_OneCycle(), data)
-    assert job.reference_lr == 0.1
-    optimizer = job.build_optimizer(job.build_model(torch.device("cpu")).parameters(), 0.3)
-    assert optimizer.param_groups[0]["lr"] == 0.3
-    assert not {"initial_lr", "max_lr", "min_lr"} & set(optimizer.param_groups[0])
+class _Cyclic(CifarModule):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+        cyclic = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=0.01, max_lr=0.4,
+                                                   base_momentum=0.8, max_momentum=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cyclic, "interval": "step"}}
+
+
+@pytest.mark.parametrize(("module", "peak", "momentum_at_peak"), [(_OneCycle(), 0.1, 0.85),
+                                                                  (_Cyclic(), 0.4, 0.8)])
+def test_a_cyclic_schedules_peak_is_the_reference_lr_with_its_momentum(data, module, peak, momentum_at_peak):
+    # Both start at their low LR and high momentum; the module trains up to the peak, where
+    # the cycled momentum is at its low.
+    job = bl.workload(module, data)
+    assert job.reference_lr == peak
+    model = job.build_model(torch.device("cpu"))
+    for params in (model.parameters(), [next(model.parameters())]):  # its copy's, or others
+        group = job.build_optimizer(params, 0.3).param_groups[0]
+        assert group["lr"] == 0.3 and group["momentum"] == momentum_at_peak
+        assert not {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"} & set(group)
 
 
 def test_one_source_of_data_exactly():

@@ -350,6 +350,11 @@ def test_a_plan_for_four_data_parallel_devices_is_the_per_device_plan_at_a_quart
     assert 4 * one.batch_size == rec["batch_size"]
 
 
+def test_an_infinite_budget_is_refused_before_any_probe():
+    with pytest.raises(batchscope.UsageError, match="budget=inf: give a finite number of seconds"):
+        batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=float("inf"))
+
+
 def test_a_world_size_below_one_is_refused_before_any_probe():
     with pytest.raises(batchscope.UsageError, match="world_size=0 must be a whole number"):
         batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=20, world_size=0)

@@ -175,6 +175,9 @@ class AdaptiveBatchSize:
             raise UsageError(f"epochs={epochs!r} must be a positive number of epochs to train")
         from batchscope.tuning import EXAMPLES_SLACK, _max_accumulation
 
+        size = require_int("dataset_size", size)
+        if not result.candidates:
+            raise UsageError("this TuneResult lists no candidate batch sizes; run batchscope.tune() again")
         world, _ = _data_parallel(options.get("group"))
         # The all-reduce tune timed across the ranks holds for this job only on as many ranks.
         sync = float(getattr(result.plan, "sync_seconds", 0.0) or 0.0) if world == rec.world_size else 0.0
@@ -183,16 +186,15 @@ class AdaptiveBatchSize:
         # exceed the dataset.
         max_fit = result.memory.recommended_batch_size
         reference = math.ceil(rec.base_batch_size / world)
-        shares = sorted(result.candidates or [point.batch_size for point in result.plan.curve])
+        shares = sorted(result.candidates)
         policy = BatchSizePolicy(
             result.step_time,
-            [b for b in shares if b * world <= int(size)] or shares[:1],
+            [b for b in shares if b * world <= size] or shares[:1],
             max_fit_batch_size=max_fit,
             reference_batch_size=reference,
             max_accumulation=max(_max_accumulation(reference, max_fit), rec.grad_accumulation),
             examples_slack=EXAMPLES_SLACK if result.target == "examples" else None,
             sync_seconds=sync, **{k: options.pop(k) for k in ("max_growth", "min_gain", "allow_shrink") if k in options})
-        size = require_int("dataset_size", size)
         # The longer of the rule's warmup and the workload's own, as sweeps' schedules take it.
         warmup = max(rec.warmup_steps * rec.batch_size,
                      math.ceil(float(workload.get("warmup_epochs") or 0.0) * size))
@@ -202,9 +204,10 @@ class AdaptiveBatchSize:
         # Tune planned for rec.world_size devices (tune(world_size=...)); on another number W
         # of ranks the start is the per-device optimum at B_noise / W (class docstring), times W.
         start = rec.batch_size
-        if world != rec.world_size or start % world:
+        if world != rec.world_size or start % world or start > size:
+            # (Also when training runs on fewer examples than tune saw: no batch beyond them.)
             noise = result.plan.noise_scale
-            share = max(1, rec.batch_size // rec.world_size)
+            share = min(max(1, rec.batch_size // rec.world_size), max(policy.candidates))
             optimum = policy.decide(share, None if noise is None else noise / world).optimum
             start = world * (optimum or share)
         adaptive = cls(model, optimizer, policy, batch_size=start,

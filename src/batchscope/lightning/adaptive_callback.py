@@ -70,7 +70,10 @@ class AdaptiveBatchSizeCallback(pl.Callback):
     """The adaptive mode inside `Trainer.fit` (module docstring).
 
     Args:
-        result: `batchscope.tune`'s (or `batchscope.lightning.tune`'s) result.
+        result: `batchscope.tune`'s (or `batchscope.lightning.tune`'s) result. Under DDP every
+            rank starts from rank 0's, so the other ranks may pass None (and skip tuning:
+            Lightning's "ddp" strategy runs the script, tune included, on every rank, all on
+            the first GPU before the fit sets each rank's device).
         epochs / dataset_size: the run's length: `epochs` passes over `dataset_size` examples
             (the LR schedule runs over them; the fit stops when they are done).
         out_dir: where rank 0 writes `run.json` and `report.html` when the fit ends.
@@ -82,7 +85,7 @@ class AdaptiveBatchSizeCallback(pl.Callback):
     (under ddp_spawn it lives in the spawned ranks only: read the run from `out_dir`).
     """
 
-    def __init__(self, result: "TuneResult", *, epochs: float, dataset_size: int,
+    def __init__(self, result: "TuneResult | None", *, epochs: float, dataset_size: int,
                  out_dir: str | Path | None = None, log: bool = True, **options: Any) -> None:
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
@@ -173,19 +176,26 @@ class AdaptiveBatchSizeCallback(pl.Callback):
             raise UsageError(f"val_check_interval={interval} (a share of an epoch) needs a fixed number "
                              "of batches an epoch, which a growing batch does not have; pass an int "
                              "(validate every k steps) or 1.0")
+        problem = None
         if self.out_dir is not None and trainer.is_global_zero:
             try:  # refuse now rather than lose the record at the end of the fit
                 check_writable_directory(self.out_dir)
             except OSError as exc:
-                raise UsageError(f"out_dir={str(self.out_dir)!r} is not writable ({exc.strerror}); "
-                                 "pass a writable directory") from None
+                problem = (f"out_dir={str(self.out_dir)!r} is not writable ({exc.strerror}); "
+                           "pass a writable directory")
+        if trainer.is_global_zero and self.result is None:
+            problem = "rank 0 has no tune result: pass AdaptiveBatchSizeCallback(result=batchscope.tune(...))"
         self._release()
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             # Under strategy="ddp" every rank ran the script, tune included, before the process
-            # group existed, so each may hold its own result: all start from rank 0's.
-            box = [self.result]
+            # group existed, so each may hold its own result (or None, if the script tuned on
+            # rank 0 only): all start from rank 0's. Rank 0's problem travels with it, so every
+            # rank stops, not rank 0 alone while the others wait.
+            box = [self.result, problem]
             torch.distributed.broadcast_object_list(box, src=0)
-            self.result = box[0]
+            self.result, problem = box
+        if problem is not None:
+            raise UsageError(problem)
         # Under DDP strategy.model is the DistributedDataParallel wrapper (same parameters as the
         # module): the controller needs its no_sync() so that only a step's last micro-batch
         # all-reduces (Lightning's manual_backward then skips DDP's prepare_for_backward).

@@ -111,15 +111,23 @@ def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoade
         owner = copies.get(id(params[0])) if params else None
         optimizer = _configured_optimizer(owner) if owner is not None else None
         if optimizer is None or _param_ids(optimizer) != {id(p) for p in params}:
-            # Not one of our copies' full parameter set: the class and hyper-parameters, one group.
+            # Not one of our copies' full parameter set: the class and the largest group's
+            # settings (its schedule's keys included), one group.
+            first = max(probe_optimizer.param_groups, key=_base_lr)
             optimizer = type(probe_optimizer)(params, **probe_optimizer.defaults)
-            optimizer.param_groups[0]["lr"] = largest_lr
+            optimizer.param_groups[0].update({k: v for k, v in first.items() if k != "params"})
         for group in optimizer.param_groups:
             # A scheduler built in configure_optimizers has moved "lr" to its first value and
             # kept the base ("initial_lr", "max_lr"); the base is what scales, and a later
             # scheduler must record its own.
             group["lr"] = lr * (_base_lr(group) / largest_lr)  # exactly lr for the largest
-            for key in ("initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum"):
+            if "max_lr" in group and "base_momentum" in group:
+                # A cycled momentum is at its low, base_momentum, where the LR peaks.
+                if "betas" in group:
+                    group["betas"] = (group["base_momentum"], *group["betas"][1:])
+                elif "momentum" in group:
+                    group["momentum"] = group["base_momentum"]
+            for key in ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"):
                 group.pop(key, None)
         return optimizer
 
@@ -226,12 +234,20 @@ def _configured_optimizer(module: nn.Module) -> torch.optim.Optimizer:
 
     with _no_trainer(f"{type(module).__name__}.configure_optimizers()",
                      "build_optimizer=lambda params, lr: <optimizer>"):
-        optimizers, _, _ = _configure_optimizers(module.configure_optimizers())
+        optimizers, schedulers, _ = _configure_optimizers(module.configure_optimizers())
     if len(optimizers) != 1 or not isinstance(optimizers[0], torch.optim.Optimizer):
         raise UsageError(f"{type(module).__name__}.configure_optimizers() returned "
                          f"{len(optimizers)} optimizers; batchscope tunes one, pass "
                          "build_optimizer=lambda params, lr: <optimizer>")
-    return optimizers[0]
+    optimizer = optimizers[0]
+    for config in schedulers:
+        scheduler = config.get("scheduler") if isinstance(config, Mapping) else config
+        # CyclicLR keeps its peaks on itself (OneCycleLR puts them in the groups): the peak is
+        # the LR the module trains at.
+        if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "max_lrs"):
+            for group, peak in zip(optimizer.param_groups, scheduler.max_lrs):
+                group.setdefault("max_lr", float(peak))
+    return optimizer
 
 
 @contextlib.contextmanager

@@ -360,6 +360,15 @@ def test_a_tune_planned_for_four_devices_run_on_one_restarts_from_the_one_device
     assert AdaptiveBatchSize.from_tune(timed, model, optimizer, epochs=1).policy.sync_seconds == 0.004
 
 
+def test_training_on_fewer_examples_than_tune_saw_keeps_every_batch_within_them():
+    model = linear_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    adaptive = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model, optimizer, epochs=1, dataset_size=20)
+    assert adaptive.policy.candidates == [8, 16] and adaptive.batch_size == 16  # not tune's 32
+    with pytest.raises(UsageError, match="dataset_size"):
+        AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model, optimizer, epochs=1, dataset_size="many")
+
+
 def test_a_reference_far_above_what_fits_still_lets_the_policy_plan():
     # 2048 at 64 a micro-batch is 32 accumulated steps: tune allows it (its plan must express
     # the reference), so the policy must too, or its first decision raises.
