@@ -37,6 +37,25 @@ _PROC_STATUS = "/proc/self/status"
 _PROC_CLEAR_REFS = "/proc/self/clear_refs"
 
 
+def local_device(name: str | torch.device | None, local_rank: int) -> torch.device:
+    """This process's device in a job with one process per device: `name` resolved, and an
+    accelerator without an index becomes the one numbered `local_rank` (made current, as
+    collectives on it expect)."""
+    device = resolve_device(name)
+    if device.type in ("cuda", "xpu") and device.index is None:
+        device = resolve_device(f"{device.type}:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "xpu":
+        torch.xpu.set_device(device)
+    return device
+
+
+def distributed_backend(device: torch.device) -> str:
+    """The torch.distributed backend for collectives on `device`'s tensors."""
+    return {"cuda": "nccl", "xpu": "xccl"}.get(device.type, "gloo")
+
+
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """`None`/`"auto"` picks the best available accelerator, else the CPU.
 

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from batchscope import device as devices
-from batchscope.errors import ProbeFailedError
+from batchscope.errors import ProbeFailedError, UsageError
 from batchscope.guard import StateGuard
 from batchscope.probes.memory_runner import InProcessRunner, MemoryProbe, ProbePlan
 from batchscope.workload import Workload
@@ -159,6 +159,23 @@ def all_or_none(stage: str, group: Any) -> Iterator[None]:
                                f"{dist.get_rank()} stops with it")
 
 
+def join_torchrun_job(device: str | None) -> torch.device:
+    """Join the job torchrun started (its RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) on this
+    process's device, with that device's backend; the device is returned."""
+    import os
+
+    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
+    if missing:
+        raise UsageError(f"--distributed needs the environment torchrun sets ({', '.join(missing)} "
+                         "missing); launch with: torchrun --nproc-per-node N -m batchscope tune "
+                         "... --distributed")
+    where = devices.local_device(device, int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group(devices.distributed_backend(where))
+    return where
+
+
 def _describe(error: Exception) -> str:
     try:
         return f"{type(error).__name__}: {error}"
@@ -235,5 +252,5 @@ def _coordination_group(budget_s: float) -> Any:
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=min(MAX_WAIT_S, max(MIN_WAIT_S, wait))))
 
 
-__all__ = ["Prepared", "SyncTime", "all_or_none", "time_allreduce", "tune_on_every_rank",
-           "verify_batch"]
+__all__ = ["Prepared", "SyncTime", "all_or_none", "join_torchrun_job", "time_allreduce",
+           "tune_on_every_rank", "verify_batch"]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+import torch
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from batchscope.cli.common import (DEVICE_HELP, JSON_HELP, OPTION_HELP, WORKLOAD_HELP, console,
                                    err_console, parse_options, print_json)
+from batchscope.errors import UsageError
 from batchscope.report.tune_report import summary_rows
 from batchscope.tuning import tune
 
@@ -33,17 +36,25 @@ def command(
     world_size: Optional[int] = typer.Option(
         None, "--world-size",
         help="Plan for this many data-parallel (DDP) devices: global batch, per-device share, LR of the global batch; probes run on this one. Default: torch.distributed's, else 1."),
+    distributed: bool = typer.Option(
+        False, "--distributed",
+        help="Run on every rank of a torchrun job (torchrun --nproc-per-node N -m batchscope tune ... --distributed): rank 0 measures, every rank checks the per-device batch, rank 0 prints and writes."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for run.json, report.html, plots."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Measure memory, throughput and noise scale; recommend batch size, LR, warmup, accumulation."""
-    with err_console.status("tuning…") as status:
-        result = tune(
-            workload, device=device, budget_s=budget, target=target, optimizer_family=optimizer_family,
-            lr_rule=lr_rule,
-            memory_budget=memory_budget, out_dir=out, workload_options=parse_options(option),
-            progress=lambda message: status.update(f"tuning: {message}"), world_size=world_size,
-        )
+    if distributed and world_size is not None:
+        raise UsageError("--distributed plans for the torchrun job's world size; drop --world-size")
+    with _torchrun_job(device) if distributed else contextlib.nullcontext(device) as where:
+        with err_console.status("tuning…") as status:
+            result = tune(
+                workload, device=where, budget_s=budget, target=target,
+                optimizer_family=optimizer_family, lr_rule=lr_rule, memory_budget=memory_budget,
+                out_dir=out, workload_options=parse_options(option),
+                progress=lambda message: status.update(f"tuning: {message}"), world_size=world_size,
+            )
+        if distributed and torch.distributed.get_rank() != 0:
+            return  # rank 0 prints; every rank got the same result
     if json_out:
         print_json(result.record.to_dict()["sections"]
                    | {"errors": result.record.errors, "record_path": _path(out, "run.json")})
@@ -63,6 +74,17 @@ def command(
     if out is not None:
         console.print(f"run record: {out / 'run.json'}\nreport:     {out / 'report.html'}")
     console.print(f"({result.seconds:.0f}s)")
+
+
+@contextlib.contextmanager
+def _torchrun_job(device: Optional[str]) -> Iterator[torch.device]:
+    from batchscope.tune_distributed import join_torchrun_job
+
+    where = join_torchrun_job(device)
+    try:
+        yield where
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _cell(value: object) -> str:

@@ -49,9 +49,15 @@ def test_workloads_json_lists_the_seed_with_its_reference_settings(capsys):
         (["tune", "-w", "small-cnn-cifar10", "-o", "train_size"], "is not KEY=VALUE"),
         (["tune", "-w", "bad.spec:"], "not of the form 'package.module:function'"),
         (["report", "/nonexistent/run.json"], "does not exist"),
+        (["tune", "-w", "small-cnn-cifar10", "--distributed", "--world-size", "2"], "drop --world-size"),
+        (["tune", "-w", "small-cnn-cifar10", "--distributed"],
+         "--distributed needs the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
+         "MASTER_PORT missing); launch with: torchrun"),
     ],
 )
-def test_usage_errors_are_one_line_with_exit_code_2(capsys, argv, fragment):
+def test_usage_errors_are_one_line_with_exit_code_2(capsys, monkeypatch, argv, fragment):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # as outside torchrun
     code, out, err = _run(capsys, *argv)
     assert code == 2
     assert out == ""
