@@ -200,10 +200,14 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
             f"a step, in full, as if the backward pass overlapped none of it)" if sync_seconds > 0
             else "leaves out the gradient all-reduce, which costs most at small per-device "
                  "batches (tune measures it when called on every rank)")
+        pipeline = evidence.input_pipeline or {}
+        loaders = (" The input pipeline was timed with one process; ranks sharing a host also "
+                   "share its CPU cores for loading." if pipeline.get("measured") else "")
         caveats.append(
             f"batch_size is global across {world_size} data-parallel devices: each device runs "
             f"{each} a step (a DistributedSampler's share), and the LR is the global batch's. "
             f"The plan assumes every device as fast as the one measured and {communication}."
+            + loaders
         )
     if evidence.noise_status == "ok" and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
         caveats.append(

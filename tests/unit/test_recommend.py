@@ -82,6 +82,7 @@ def test_early_noise_ddp_and_pipeline_caveats():
     assert "batchscope.AdaptiveBatchSize.from_tune" in text  # says how to follow it
     assert "global across 4 data-parallel devices: each device runs 2 accumulated micro-batches of 128" in text
     assert "leaves out the gradient all-reduce" in text
+    assert "timed with one process" not in text  # this pipeline dict says nothing was measured
     assert "Loader gives 10k/s vs 40k/s" in rec.caveats
     assert text.count("caps throughput") == 0  # the probe's note is used as it is, not repeated
     assert "exceeds the noise scale" in text  # linear scaling past B_noise overshoots
@@ -115,3 +116,10 @@ def test_a_plan_slower_than_the_reference_says_slower_not_faster():
     assert any(line.startswith("Predicted 2.00x slower to target than the reference batch 128")
                for line in rec.rationale)
     assert not any("faster to target" in line for line in rec.rationale)
+
+
+def test_a_data_parallel_plan_says_the_loader_was_timed_alone():
+    rec = _recommend(Plan(256, 64, 1, world_size=4),
+                     input_pipeline={"measured": True, "bottleneck": False, "note": "fine"})
+    assert any("timed with one process; ranks sharing a host also share its CPU cores" in c
+               for c in rec.caveats)
