@@ -26,8 +26,8 @@ TRAIN_SIZE = 2_000
 LR = 0.05
 
 
-def _cifar_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = CifarSource(find_archive(), size, 100).host("train")
+def _cifar_tensors(size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = CifarSource(find_archive(), size, size).host(split)
     x = torch.tensor(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.25)
     return x, torch.tensor(labels)
 
@@ -264,6 +264,36 @@ def test_a_cyclic_schedules_peak_is_the_reference_lr_with_its_momentum(data, mod
         group = job.build_optimizer(params, 0.3).param_groups[0]
         assert group["lr"] == 0.3 and group["momentum"] == momentum_at_peak
         assert not {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"} & set(group)
+
+
+def test_top1_accuracy_scores_a_known_model_and_gives_the_modes_back():
+    # The inputs are the logits themselves: 3 of the 4 argmaxes match their labels.
+    logits = torch.eye(4)
+    labels = torch.tensor([0, 1, 2, 0])
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(4))
+    model[1].eval()  # a mixed state to give back
+    model[1].forward = lambda x: x  # type: ignore[method-assign]  # keeps the logits as they are
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=3)
+    assert bl.top1_accuracy(loader)(model, torch.device("cpu")) == 0.75
+    assert model.training and not model[1].training
+    with pytest.raises(UsageError, match="needs \\(inputs, labels, ...\\) batches"):
+        bl.top1_accuracy(DataLoader(TensorDataset(logits), batch_size=2))(model, torch.device("cpu"))
+
+
+def test_a_real_sweep_runs_on_the_lightning_workload(data, tmp_path):
+    import batchscope
+
+    held_out = DataLoader(TensorDataset(*_cifar_tensors(500, "test")), batch_size=250)
+    job = bl.workload(CifarModule(), data, evaluate=bl.top1_accuracy(held_out))
+    result = batchscope.sweep(job, [64, 128], lr_rule="linear", epochs=2, out_dir=tmp_path,
+                              pruning=False, device="cpu", report=False)
+    assert [t.key for t in result.trials] == ["b64-linear", "b128-linear"]
+    for trial in result.trials:
+        assert trial.outcome == "complete" and trial.steps_done == 2 * (TRAIN_SIZE // trial.batch_size)
+        assert trial.learning_rate == pytest.approx(LR * trial.batch_size / 64)
+        assert 0.0 <= trial.final_metric <= 1.0 and len(trial.curve) == 4
+    # On 500 test images: well above chance (0.10) after two epochs (0.34 and 0.30 when written).
+    assert max(t.final_metric for t in result.trials) > 0.2
 
 
 def test_one_source_of_data_exactly():

@@ -1,7 +1,8 @@
 """PyTorch Lightning integration (optional: `pip install 'batchscope[lightning]'`).
 
 - `tune(module, datamodule)` / `workload(module, datamodule)`: batchscope's tune on a
-  LightningModule's own training job, in place of Lightning's batch-size finder.
+  LightningModule's own training job, in place of Lightning's batch-size finder;
+  `top1_accuracy(val_loader)` scores it, for `batchscope.sweep`.
 - `AdaptiveBatchSizeCallback`: the adaptive mode (`batchscope.AdaptiveBatchSize`) inside
   `Trainer.fit`, for a module with manual optimization.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchscope.lightning.evaluate import top1_accuracy
 from batchscope.lightning.module_workload import tune, workload
 
-__all__ = ["AdaptiveBatchSizeCallback", "tune", "workload"]
+__all__ = ["AdaptiveBatchSizeCallback", "top1_accuracy", "tune", "workload"]
 
 
 def __getattr__(name: str) -> Any:
