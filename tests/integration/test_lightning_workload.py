@@ -266,16 +266,26 @@ def test_a_cyclic_schedules_peak_is_the_reference_lr_with_its_momentum(data, mod
         assert not {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"} & set(group)
 
 
+class _Logits(nn.Module):
+    """Returns its inputs as the logits; the unused BatchNorm is there for its train flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def test_top1_accuracy_scores_a_known_model_and_gives_the_modes_back():
     # The inputs are the logits themselves: 3 of the 4 argmaxes match their labels.
     logits = torch.eye(4)
     labels = torch.tensor([0, 1, 2, 0])
-    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(4))
-    model[1].eval()  # a mixed state to give back
-    model[1].forward = lambda x: x  # type: ignore[method-assign]  # keeps the logits as they are
+    model = _Logits()
+    model.norm.eval()  # a mixed state to give back
     loader = DataLoader(TensorDataset(logits, labels), batch_size=3)
     assert bl.top1_accuracy(loader)(model, torch.device("cpu")) == 0.75
-    assert model.training and not model[1].training
+    assert model.training and not model.norm.training
     with pytest.raises(UsageError, match="needs \\(inputs, labels, ...\\) batches"):
         bl.top1_accuracy(DataLoader(TensorDataset(logits), batch_size=2))(model, torch.device("cpu"))
 
