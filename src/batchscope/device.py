@@ -43,7 +43,12 @@ def local_device(name: str | torch.device | None, local_rank: int) -> torch.devi
     collectives on it expect)."""
     device = resolve_device(name)
     if device.type in ("cuda", "xpu") and device.index is None:
-        device = resolve_device(f"{device.type}:{local_rank}")
+        count = torch.cuda.device_count() if device.type == "cuda" else torch.xpu.device_count()
+        if local_rank >= count:
+            raise UsageError(f"LOCAL_RANK {local_rank} has no {device.type} device of its own (this "
+                             f"host has {count}); launch at most {count} processes a host "
+                             "(torchrun --nproc-per-node)")
+        device = torch.device(device.type, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif device.type == "xpu":

@@ -170,7 +170,15 @@ def join_torchrun_job(device: str | None) -> torch.device:
         raise UsageError(f"--distributed needs the environment torchrun sets ({', '.join(missing)} "
                          "missing); launch with: torchrun --nproc-per-node N -m batchscope tune "
                          "... --distributed")
-    where = devices.local_device(device, int(os.environ["LOCAL_RANK"]))
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world > 1 and device is not None and ":" in str(device):
+        raise UsageError(f"--device {device} under torchrun puts all {local_world} ranks of this host on "
+                         f"one device; pass --device {str(device).split(':')[0]} (rank i takes the one "
+                         "numbered LOCAL_RANK) or choose GPUs with CUDA_VISIBLE_DEVICES")
+    where = devices.local_device(device, local_rank)
+    if local_world > 1 and where.type == "mps":
+        raise UsageError("MPS is one device per machine: run tune without --distributed (or with "
+                         "world_size=) on a Mac")
     if not dist.is_initialized():
         dist.init_process_group(devices.distributed_backend(where))
     return where

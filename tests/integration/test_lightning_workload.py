@@ -290,6 +290,26 @@ def test_top1_accuracy_scores_a_known_model_and_gives_the_modes_back():
         bl.top1_accuracy(DataLoader(TensorDataset(logits), batch_size=2))(model, torch.device("cpu"))
 
 
+def test_top1_accuracy_counts_positions_and_refuses_scores_it_cannot_read():
+    cpu = torch.device("cpu")
+    # Per-position labels: logits (N, C, T) against labels (N, T); 5 of 6 positions right.
+    logits = torch.zeros(2, 3, 3)
+    labels = torch.tensor([[0, 1, 2], [2, 2, 0]])
+    for n in range(2):
+        for t in range(3):
+            logits[n, labels[n, t], t] = 1.0
+    logits[1, :, 2] = torch.tensor([0.0, 1.0, 0.0])  # one wrong
+    rng = torch.get_rng_state()
+    shuffled = DataLoader(TensorDataset(logits, labels), batch_size=1, shuffle=True)
+    assert bl.top1_accuracy(shuffled)(_Logits(), cpu) == 5 / 6
+    assert torch.equal(torch.get_rng_state(), rng)  # the loader's shuffling seed did not come from it
+    one_hot = DataLoader(TensorDataset(torch.eye(4), torch.eye(4)), batch_size=4)
+    single_logit = DataLoader(TensorDataset(torch.ones(4, 1), torch.zeros(4, dtype=torch.long)), batch_size=4)
+    for loader in (one_hot, single_logit):
+        with pytest.raises(UsageError, match="needs class scores \\(N, C, ...\\) with C >= 2"):
+            bl.top1_accuracy(loader)(_Logits(), cpu)
+
+
 def test_a_real_sweep_runs_on_the_lightning_workload(data, tmp_path):
     import batchscope
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -45,13 +46,16 @@ def command(
     """Measure memory, throughput and noise scale; recommend batch size, LR, warmup, accumulation."""
     if distributed and world_size is not None:
         raise UsageError("--distributed plans for the torchrun job's world size; drop --world-size")
+    # Under torchrun only rank 0 draws the progress line (the ranks share one terminal).
+    shows_progress = not distributed or os.environ.get("RANK", "0") == "0"
     with _torchrun_job(device) if distributed else contextlib.nullcontext(device) as where:
-        with err_console.status("tuning…") as status:
+        with err_console.status("tuning…") if shows_progress else contextlib.nullcontext() as status:
             result = tune(
                 workload, device=where, budget_s=budget, target=target,
                 optimizer_family=optimizer_family, lr_rule=lr_rule, memory_budget=memory_budget,
                 out_dir=out, workload_options=parse_options(option),
-                progress=lambda message: status.update(f"tuning: {message}"), world_size=world_size,
+                progress=(lambda message: status.update(f"tuning: {message}")) if shows_progress
+                else (lambda message: None), world_size=world_size,
             )
         if distributed and torch.distributed.get_rank() != 0:
             return  # rank 0 prints; every rank got the same result

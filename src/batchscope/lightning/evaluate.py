@@ -32,13 +32,15 @@ def top1_accuracy(loader: Iterable[Any]) -> Callable[[nn.Module, torch.device], 
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
         try:
-            with torch.no_grad():
+            # A DataLoader draws its shuffling seed from the global RNG: keep that out of it.
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 for batch in loader:
                     inputs, labels = _inputs_and_labels(batch)
                     labels = labels.to(device)
-                    predictions = model(inputs.to(device)).argmax(dim=1)
-                    correct += (predictions == labels).sum()
-                    seen += len(labels)
+                    outputs = model(inputs.to(device))
+                    _check_shapes(outputs, labels)
+                    correct += (outputs.argmax(dim=1) == labels).sum()
+                    seen += labels.numel()
         finally:
             for module, training in modes:
                 module.training = training
@@ -55,3 +57,15 @@ def _inputs_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return batch[0], batch[1]
     raise UsageError(f"top1_accuracy needs (inputs, labels, ...) batches of tensors, got "
                      f"{type(batch).__name__}; pass evaluate=<your own (model, device) -> metric>")
+
+
+def _check_shapes(outputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Class scores along dim 1 and one integer label per remaining position; anything else
+    (one-hot labels, a single-logit head) would score nonsense without an error."""
+    expected = outputs.shape[:1] + outputs.shape[2:]
+    if outputs.dim() < 2 or outputs.shape[1] < 2 or labels.shape != expected \
+            or labels.is_floating_point():
+        raise UsageError(f"top1_accuracy needs class scores (N, C, ...) with C >= 2 and integer "
+                         f"labels (N, ...); got outputs {tuple(outputs.shape)} and labels "
+                         f"{tuple(labels.shape)} ({labels.dtype}); pass evaluate=<your own "
+                         "(model, device) -> metric>")

@@ -66,6 +66,16 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys, monkeypatch, argv, f
     assert fragment in err
 
 
+def test_an_explicit_device_index_under_torchrun_is_refused_before_joining(capsys, monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = _run(capsys, "tune", "-w", "small-cnn-cifar10", "--distributed", "--device", "cuda:1")
+    assert code == 2 and out == ""
+    assert err.startswith("error: --device cuda:1 under torchrun puts all 2 ranks of this host on one "
+                          "device; pass --device cuda")
+
+
 def test_unwritable_output_dir_is_a_usage_error(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
