@@ -177,6 +177,7 @@ def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batc
 def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size: int,
              sync_seconds: float = 0.0) -> list[str]:
     caveats: list[str] = []
+    pipeline = evidence.input_pipeline or {}
     if evidence.has_batchnorm:
         caveats.append(
             f"The model has BatchNorm: batches below {BATCHNORM_MIN_PER_DEVICE} per device were "
@@ -200,7 +201,6 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
             f"a step, in full, as if the backward pass overlapped none of it)" if sync_seconds > 0
             else "leaves out the gradient all-reduce, which costs most at small per-device "
                  "batches (tune measures it when called on every rank)")
-        pipeline = evidence.input_pipeline or {}
         loaders = (" The input pipeline was timed with one process; ranks sharing a host also "
                    "share its CPU cores for loading." if pipeline.get("measured") else "")
         caveats.append(
@@ -223,7 +223,6 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
             f"steps tune runs before measuring the noise scale; with a larger --budget the "
             f"measurement, and possibly the recommendation, would differ."
         )
-    pipeline = evidence.input_pipeline or {}
     if pipeline.get("bottleneck"):
         # The probe's note already says where the time goes and what would help.
         note = str(pipeline.get("note") or "").strip()

@@ -231,7 +231,7 @@ def _measure(resolved: Workload, where: torch.device, budget_bytes: int | None, 
         return plan_batch_size(
             candidates, step_time, noise_value, max_fit_batch_size=limit,
             reference_batch_size=resolved.reference_batch_size,
-            max_accumulation=_max_accumulation(resolved.reference_batch_size, limit, world),
+            max_accumulation=accumulation_limit(resolved.reference_batch_size, limit, world),
             world_size=world, sync_seconds=sync_seconds)
 
     reserved_s = TIMED_WINDOWS * PIPELINE_MIN_S if resolved.data_loader is not None else 0.0
@@ -347,7 +347,7 @@ def _throughput_model(throughput: ThroughputResult) -> Any:
     return fit_throughput_model([p.batch_size for p in points], [p.step_s for p in points])
 
 
-def _max_accumulation(reference_batch_size: int, limit: int, world_size: int = 1) -> int:
+def accumulation_limit(reference_batch_size: int, limit: int, world_size: int = 1) -> int:
     """MAX_ACCUMULATION, or more when the reference batch itself needs more micro-batches on
     each device (the plan must be able to express the reference to compare against it)."""
     return max(MAX_ACCUMULATION, math.ceil(math.ceil(reference_batch_size / world_size) / limit))
@@ -394,7 +394,7 @@ def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: 
     fits times the accumulation limit, or the memory limit itself; plus the reference."""
     reference = workload.reference_batch_size
     smallest = max(floor, min(p.batch_size for p in throughput.points))
-    largest = memory_limit * _max_accumulation(reference, memory_limit, world_size)
+    largest = memory_limit * accumulation_limit(reference, memory_limit, world_size)
     useful = _largest_useful_batch(workload)
     if useful is not None:
         largest = min(largest, useful // world_size)

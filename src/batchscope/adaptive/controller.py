@@ -173,7 +173,7 @@ class AdaptiveBatchSize:
             raise UsageError("the workload has no dataset_size; pass dataset_size=len(train_set)")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
             raise UsageError(f"epochs={epochs!r} must be a positive number of epochs to train")
-        from batchscope.tuning import EXAMPLES_SLACK, _max_accumulation
+        from batchscope.tuning import EXAMPLES_SLACK, accumulation_limit
 
         size = require_int("dataset_size", size)
         if not result.candidates:
@@ -192,7 +192,7 @@ class AdaptiveBatchSize:
             [b for b in shares if b * world <= size] or shares[:1],
             max_fit_batch_size=max_fit,
             reference_batch_size=reference,
-            max_accumulation=max(_max_accumulation(reference, max_fit), rec.grad_accumulation),
+            max_accumulation=max(accumulation_limit(reference, max_fit), rec.grad_accumulation),
             examples_slack=EXAMPLES_SLACK if result.target == "examples" else None,
             sync_seconds=sync, **{k: options.pop(k) for k in ("max_growth", "min_gain", "allow_shrink") if k in options})
         # The longer of the rule's warmup and the workload's own, as sweeps' schedules take it.
