@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections import OrderedDict, UserDict
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
 import batchscope.lightning as bl  # noqa: E402
 from batchscope.errors import UsageError  # noqa: E402
-from batchscope.lightning.module_workload import TILE_FROM  # noqa: E402
+from batchscope.lightning.module_workload import TILE_FROM, _repeat_to  # noqa: E402
 from batchscope.workloads.cifar10_data import find_archive  # noqa: E402
 from batchscope.workloads.cifar_source import CifarSource  # noqa: E402
 from batchscope.workloads.models import small_cnn  # noqa: E402
@@ -329,3 +331,133 @@ def test_a_real_sweep_runs_on_the_lightning_workload(data, tmp_path):
 def test_one_source_of_data_exactly():
     with pytest.raises(UsageError, match="exactly one of datamodule"):
         bl.workload(CifarModule())
+
+
+def _numbered(size: int) -> DataLoader:
+    """Example i is the value i (and label 0): a batch's rows name the examples drawn."""
+    return DataLoader(TensorDataset(torch.arange(float(size)).unsqueeze(1),
+                                    torch.zeros(size, dtype=torch.long)), batch_size=4)
+
+
+def test_a_batch_larger_than_the_dataset_has_every_example_before_any_repeats():
+    cpu = torch.device("cpu")
+    job = bl.workload(CifarModule(), train_dataloader=_numbered(50))
+
+    # Up to the dataset's size: the first permutation's prefix, exactly as before batches
+    # could exceed the dataset (results measured then do not move).
+    drawn = job.sample(30, cpu, torch.Generator().manual_seed(3))[0][:, 0].long()
+    assert torch.equal(drawn, torch.randperm(50, generator=torch.Generator().manual_seed(3))[:30])
+
+    # Beyond it: exactly the size asked, one permutation after another from the same generator.
+    rows = job.sample(120, cpu, torch.Generator().manual_seed(3))[0][:, 0].long()
+    generator = torch.Generator().manual_seed(3)
+    passes = [torch.randperm(50, generator=generator) for _ in range(3)]
+    assert rows.shape == (120,) and torch.equal(rows, torch.cat(passes)[:120])
+    assert sorted(rows[:50].tolist()) == sorted(rows[50:100].tolist()) == list(range(50))
+    assert len(set(rows[100:].tolist())) == 20
+    assert torch.equal(rows, job.sample(120, cpu, torch.Generator().manual_seed(3))[0][:, 0].long())
+
+    # The memory probe's batch on a dataset smaller than TILE_FROM: all 50, repeated in order.
+    tiled = job.worst_case(130, cpu)[0][:, 0]
+    assert tiled.shape == (130,) and sorted(tiled[:50].tolist()) == list(range(50))
+    assert torch.equal(tiled[50:100], tiled[:50]) and torch.equal(tiled[100:], tiled[:30])
+
+
+def test_an_unrepeatable_batch_larger_than_the_dataset_is_drawn_in_full():
+    # Strings in the batch: the memory probe's batch is drawn, not tiled; it must still hold
+    # every row it is measured for.
+    words = TensorDataset(torch.arange(300.0).unsqueeze(1))
+    tagged = DataLoader(words, batch_size=4, collate_fn=lambda rows: (torch.stack([r[0] for r in rows]),
+                                                                      [f"id{int(r[0])}" for r in rows]))
+    values, tags = bl.workload(CifarModule(), train_dataloader=tagged).worst_case(700, torch.device("cpu"))
+    assert values.shape == (700, 1) and len(tags) == 700
+    assert len(set(tags[:300])) == len(set(tags[300:600])) == 300 and len(set(tags[600:])) == 100
+
+
+def test_the_pipeline_check_gets_a_batch_larger_than_the_dataset():
+    # An epoch at that size holds no full batch; the endless loader must not spin on empty
+    # epochs (it did: next() never returned), it yields the size asked.
+    job = bl.workload(CifarModule(), train_dataloader=_numbered(50))
+    assert list(job.epoch_batches(120, torch.device("cpu"), 0)) == []
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(next(job.data_loader(120, torch.device("cpu")))),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # a hang guard, not a timing: it returns in milliseconds
+    assert not worker.is_alive(), "data_loader(120) on 50 examples never yielded"
+    rows = got[0][0][:, 0]
+    assert rows.shape == (120,) and sorted(rows[:50].tolist()) == list(range(50))
+
+
+class Features(UserDict):
+    """A batch like HuggingFace's BatchEncoding: a UserDict whose keys read as attributes."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["data"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _FeatureSet(Dataset):
+    def __init__(self, size: int) -> None:
+        self.inputs, self.targets = torch.randn(size, 3), torch.arange(size) % 2
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Features:
+        return Features(inputs=self.inputs[index], targets=self.targets[index])
+
+
+class _ReadsByAttribute(pl.LightningModule):
+    def __init__(self, seen) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.seen = seen  # a builtin method: the model's deep copies share it
+
+    def training_step(self, batch, batch_idx):
+        self.seen((type(batch), len(batch.targets)))
+        return F.cross_entropy(self.layer(batch.inputs), batch.targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _NoMemory:
+    def reset(self) -> None:
+        pass
+
+    def peak_bytes(self) -> int:
+        return 0
+
+
+def test_the_memory_probes_tiled_batch_keeps_the_batchs_own_mapping_type():
+    import batchscope
+
+    # 300 examples: the probe's batch at the dataset's size is 256 real ones, tiled.
+    seen: list = []
+    job = bl.workload(_ReadsByAttribute(seen.append),
+                      train_dataloader=DataLoader(_FeatureSet(300), batch_size=8))
+    batch = job.worst_case(300, torch.device("cpu"))
+    assert type(batch) is Features and batch.inputs.shape == (300, 3)
+    assert torch.equal(batch.targets[256:], batch.targets[:44])
+
+    result = batchscope.probe_memory(job, device="cpu", memory_budget="1GiB",
+                                     start_batch_size=300, meter=_NoMemory())
+    assert result.max_batch_size == 300
+    assert (Features, 300) in seen and {kind for kind, _ in seen} == {Features}
+
+
+class _NeedsATokenizer(dict):
+    def __init__(self, tokenizer, data) -> None:
+        super().__init__(data)
+
+
+def test_a_mapping_batch_is_rebuilt_as_its_own_type_or_else_a_dict():
+    ordered = _repeat_to(OrderedDict(b=torch.arange(2), a=torch.arange(2)), 3)
+    assert type(ordered) is OrderedDict and list(ordered) == ["b", "a"]
+    assert torch.equal(ordered["a"], torch.tensor([0, 1, 0]))
+    # A type that cannot be built from a dict alone: the values, as a plain dict.
+    plain = _repeat_to(_NeedsATokenizer(None, {"x": torch.arange(2)}), 3)
+    assert type(plain) is dict and torch.equal(plain["x"], torch.tensor([0, 1, 0]))

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from batchscope.errors import UsageError
 from batchscope.lightning._import import import_lightning
@@ -132,13 +132,14 @@ def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoade
         return optimizer
 
     def make_batch(batch_size: int, device: torch.device, generator: torch.Generator) -> Any:
-        indices = torch.randperm(len(dataset), generator=generator)[:batch_size]
+        indices = _shuffled_indices(len(dataset), batch_size, generator)
         return _to_device(loader.collate_fn([dataset[int(i)] for i in indices]), device)
 
     def worst_case_batch(batch_size: int, device: torch.device) -> Any:
         # The memory probe needs the shape, not distinct examples: a few hundred real ones,
         # repeated, spare it tens of thousands of __getitem__ calls (decoding, transforms) a probe.
-        drawn = min(batch_size, TILE_FROM)
+        # A dataset smaller than that is drawn once, whole, then repeated.
+        drawn = min(batch_size, TILE_FROM, len(dataset))
         base = make_batch(drawn, torch.device("cpu"), torch.Generator().manual_seed(0))
         tiled = _repeat_to(base, batch_size)
         return _to_device(tiled if tiled is not None else make_batch(
@@ -153,8 +154,11 @@ def workload(module: Any, datamodule: Any = None, *, train_dataloader: DataLoade
 
     def data_loader(batch_size: int, device: torch.device) -> Iterator[Any]:
         # Endless: the input-pipeline check takes what it needs.
+        # A pass of a batch larger than the dataset holds one batch (the examples, then
+        # further shuffles of them), not none: an endless loop over empty passes never yields.
+        per_pass = max(len(dataset), batch_size)
         return (_to_device(batch, device) for epoch in itertools.count()
-                for batch in _loader_like(loader, batch_size, seed=epoch))
+                for batch in _loader_like(loader, batch_size, seed=epoch, examples=per_pass))
 
     optimizer_class = type(probe_optimizer) if probe_optimizer is not None else None
     family = "adam" if "adam" in getattr(optimizer_class, "__name__", "").lower() else "sgd"
@@ -280,13 +284,19 @@ def _training_step_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _loader_like(loader: DataLoader, batch_size: int, *, seed: int) -> DataLoader:
+def _loader_like(loader: DataLoader, batch_size: int, *, seed: int,
+                 examples: int | None = None) -> DataLoader:
     """The user's loader (dataset, collate, workers, pinning) at another batch size, shuffled
-    by `seed`, the last partial batch dropped (every step is a full batch)."""
-    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+    by `seed`, the last partial batch dropped (every step is a full batch). A pass holds
+    `examples` examples (default: the dataset once); more than the dataset's are further
+    shuffles of it, every example coming once before any comes again."""
+    generator = torch.Generator().manual_seed(int(seed))
+    # The sampler `shuffle=True` would build, sharing the loader's generator as it would, so
+    # a pass of the dataset once is drawn exactly as a shuffled DataLoader draws it.
+    sampler = RandomSampler(loader.dataset, num_samples=examples, generator=generator)
+    return DataLoader(loader.dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       collate_fn=loader.collate_fn, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory,
-                      generator=torch.Generator().manual_seed(int(seed)))
+                      pin_memory=loader.pin_memory, generator=generator)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -305,13 +315,38 @@ def _repeat_to(batch: Any, size: int) -> Any:
         return batch.repeat(repeats, *([1] * (batch.dim() - 1)))[:size]
     if isinstance(batch, Mapping):
         values = {key: _repeat_to(value, size) for key, value in batch.items()}
-        return None if any(value is None for value in values.values()) else values
+        if any(value is None for value in values.values()):
+            return None
+        return _same_mapping_type(batch, values)
     if isinstance(batch, (tuple, list)):
         parts = [_repeat_to(value, size) for value in batch]
         if any(part is None for part in parts):
             return None
         return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
     return None
+
+
+def _same_mapping_type(batch: Mapping[Any, Any], values: dict[Any, Any]) -> Mapping[Any, Any]:
+    """`values` as a `type(batch)`, as the collate function made it: training_step may read a
+    batch by attribute (HuggingFace's BatchEncoding) or check its type. A plain dict only when
+    that type cannot be built from a dict (its constructor takes other arguments)."""
+    if type(batch) is dict:
+        return values
+    try:
+        return type(batch)(values)
+    except TypeError:
+        return values
+
+
+def _shuffled_indices(dataset_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` indices into 0..dataset_size-1 from `generator`: one random permutation, then
+    further independent ones while more are needed, so that every example comes once before
+    any comes again. Up to `dataset_size` indices it is exactly the first permutation's prefix
+    (batches drawn before batches could exceed the dataset stay as they were)."""
+    passes = [torch.randperm(dataset_size, generator=generator)]
+    while len(passes) * dataset_size < count:
+        passes.append(torch.randperm(dataset_size, generator=generator))
+    return torch.cat(passes)[:count]
 
 
 def _base_lr(group: Mapping[str, Any]) -> float:
