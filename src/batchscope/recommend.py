@@ -19,6 +19,9 @@ BATCHNORM_MIN_PER_DEVICE = 32
 # A noise scale measured in the first few hundred steps is an underestimate: B_noise grows as the
 # loss falls (McCandlish et al. 2018, sec. 4).
 EARLY_TRAINING_STEPS = 1000
+# Noise-probe verdicts the plan can use: an estimate with an interval, or (unresolved |G|^2 but
+# resolved tr(Sigma)) only a lower bound, which the plan takes as the noise scale.
+USABLE_NOISE = ("ok", "lower_bound")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class Evidence:
     # The steps tune trains before measuring when the budget allows, set only when the budget
     # cut them short (None otherwise).
     noise_standard_train_steps: int | None = None
+    # When the noise scale is only a lower bound (noise_status "lower_bound", noise_scale the
+    # bound): the batch the plan would pick for a practically unlimited noise scale.
+    noise_unlimited_batch_size: int | None = None
     knee_batch_size: int | None = None
     input_pipeline: Mapping[str, Any] | None = None
     has_batchnorm: bool = False
@@ -83,7 +89,7 @@ def recommend(
     world_size = int(getattr(plan, "world_size", 1))
     rule = scaling.rule_name(lr_rule) if lr_rule else scaling.rule_for_family(optimizer_family)
     batch = int(plan.batch_size)
-    usable_noise = evidence.noise_scale if evidence.noise_status == "ok" else None
+    usable_noise = evidence.noise_scale if evidence.noise_status in USABLE_NOISE else None
     fallback = []
     if rule == "adascale" and usable_noise is None:
         # The gain needs the noise scale; failing here would throw away the whole measurement.
@@ -105,7 +111,7 @@ def recommend(
     rationale = _rationale(plan, evidence, rule, lr_plan, base_batch_size, base_learning_rate, target)
     caveats = fallback + list(lr_plan.warnings)
     caveats += _caveats(evidence, per_device, accumulation, world_size,
-                        float(getattr(plan, "sync_seconds", 0.0) or 0.0))
+                        float(getattr(plan, "sync_seconds", 0.0) or 0.0), batch)
     return Recommendation(
         batch_size=batch,
         per_device_batch_size=per_device,
@@ -140,7 +146,13 @@ def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batc
                  f"{evidence.memory_limit}{budget}."]
     if evidence.knee_batch_size:
         lines.append(f"Throughput stops growing (95% of best) at batch {evidence.knee_batch_size}.")
-    if evidence.noise_scale is not None and evidence.noise_status == "ok":
+    if evidence.noise_scale is not None and evidence.noise_status == "lower_bound":
+        lines.append(
+            f"Gradient noise scale B_simple ≥ {evidence.noise_scale:,.0f} (the lower end of its "
+            f"interval; |G|² was not resolved from 0, so there is no upper end): planned at that "
+            f"bound, the most sample-efficient reading of the evidence."
+        )
+    elif evidence.noise_scale is not None and evidence.noise_status == "ok":
         low, high = evidence.noise_interval
         interval = f" (CI {low:,.0f}-{high:,.0f})" if low is not None and high is not None else ""
         lines.append(
@@ -175,7 +187,7 @@ def _rationale(plan: Any, evidence: Evidence, rule: str, lr_plan: Any, base_batc
 
 
 def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size: int,
-             sync_seconds: float = 0.0) -> list[str]:
+             sync_seconds: float = 0.0, global_batch: int | None = None) -> list[str]:
     caveats: list[str] = []
     pipeline = evidence.input_pipeline or {}
     if evidence.has_batchnorm:
@@ -209,7 +221,15 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
             f"The plan assumes every device as fast as the one measured and {communication}."
             + loaders
         )
-    if evidence.noise_status == "ok" and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
+    unlimited = evidence.noise_unlimited_batch_size
+    if evidence.noise_status == "lower_bound" and unlimited and unlimited != global_batch:
+        caveats.append(
+            f"The noise scale is only known to be at least {evidence.noise_scale:,.0f}; the plan "
+            f"uses that bound. If it is much larger, up to batch {unlimited} would reach the "
+            f"target sooner: a larger --budget buys the samples to bound it, or the adaptive mode "
+            f"grows the batch as it measures."
+        )
+    if evidence.noise_status in USABLE_NOISE and evidence.noise_measured_at_step < EARLY_TRAINING_STEPS:
         caveats.append(
             f"The noise scale was measured {_after_steps(evidence.noise_measured_at_step)}; it "
             f"usually grows as training proceeds, so larger batches pay off later: the adaptive "
@@ -217,7 +237,7 @@ def _caveats(evidence: Evidence, per_device: int, accumulation: int, world_size:
             f"(batchscope.AdaptiveBatchSize.from_tune(result, model, optimizer, epochs=...))."
         )
     standard = evidence.noise_standard_train_steps
-    if evidence.noise_status == "ok" and standard and evidence.noise_measured_at_step < standard:
+    if evidence.noise_status in USABLE_NOISE and standard and evidence.noise_measured_at_step < standard:
         caveats.append(
             f"The budget paid for {evidence.noise_measured_at_step} of the {standard} training "
             f"steps tune runs before measuring the noise scale; with a larger --budget the "

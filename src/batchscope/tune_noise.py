@@ -116,10 +116,23 @@ def plan_noise_probe(workload: Workload, step_seconds: Callable[[int], float], r
     return NoisePlan(train_steps, standard, MIN_NOISE_SAMPLES, shortfall)
 
 
+# A noise scale this many times a lower bound stands for "unlimited": the goodput plan then
+# minimises (B + B_noise) / X(B) ~ B_noise / X(B), i.e. picks the highest throughput, as the
+# limit does (not the throughput-only plan's knee, which is a hedge for a missing estimate).
+UNLIMITED_FACTOR = 1e6
+
+
+def unlimited_noise_scale(lower_bound: float) -> float:
+    """A noise scale standing for "anything above `lower_bound`" in a plan (UNLIMITED_FACTOR)."""
+    return float(lower_bound) * UNLIMITED_FACTOR
+
+
 class SettledDecision:
     """A `stop_when` for `estimate_noise_scale`: true once, after at least `min_samples`, the
     estimate is trusted, its interval bounded, and `decide` (noise scale -> the decision, e.g.
-    the planned batch) gives the same answer at both ends of the interval.
+    the planned batch) gives the same answer at both ends of the interval. A one-sided interval
+    (status "lower_bound") counts when the answer at its lower end is the answer for a
+    practically unlimited noise scale (`unlimited_noise_scale`).
 
     Why the ends suffice for the goodput plan: a candidate batch B with step time t(B) reaches
     the target in time proportional to t(B) + B_noise * t(B)/B, a line in B_noise. The optimum
@@ -138,9 +151,15 @@ class SettledDecision:
         self.reason = f"the {what} was the same anywhere in the noise scale's interval"
 
     def __call__(self, estimate: NoiseScaleEstimate) -> bool:
-        if estimate.samples < self.min_samples or estimate.status != "ok":
+        if estimate.samples < self.min_samples or estimate.status not in ("ok", "lower_bound"):
             return False
-        ends = (estimate.ci_low, estimate.ci_high)
-        if any(end is None or not math.isfinite(end) or end <= 0 for end in ends):
+        low, high = estimate.ci_low, estimate.ci_high
+        if low is None or not math.isfinite(low) or low <= 0:
             return False
-        return self.decide(float(ends[0])) == self.decide(float(ends[1]))
+        if estimate.status == "lower_bound":
+            # Only "at least low" is known; the decision is settled when a practically
+            # unlimited noise scale gives the same answer (the plan does not fall as it grows).
+            high = unlimited_noise_scale(low)
+        elif high is None or not math.isfinite(high):
+            return False
+        return self.decide(float(low)) == self.decide(float(high))

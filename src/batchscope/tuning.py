@@ -37,8 +37,10 @@ from batchscope.probes.noise import NoiseScaleResult, estimate_noise_scale
 from batchscope.probes.input_pipeline import TIMED_WINDOWS, InputPipelineResult, not_measured
 from batchscope.probes.throughput import ThroughputResult, check_data_path, measure_throughput
 from batchscope.record import RunRecord, environment_info
-from batchscope.recommend import BATCHNORM_MIN_PER_DEVICE, Evidence, Recommendation, recommend
-from batchscope.tune_noise import NOISE_ACCUMULATION, SettledDecision, plan_noise_probe
+from batchscope.recommend import (BATCHNORM_MIN_PER_DEVICE, USABLE_NOISE, Evidence, Recommendation,
+                                  recommend)
+from batchscope.tune_noise import (NOISE_ACCUMULATION, SettledDecision, plan_noise_probe,
+                                   unlimited_noise_scale)
 from batchscope.workload import Workload, resolve_workload
 
 logger = logging.getLogger(__name__)
@@ -269,6 +271,9 @@ def _measure(resolved: Workload, where: torch.device, budget_bytes: int | None, 
         noise_measured_at_step=noise_plan.train_steps,
         noise_standard_train_steps=(noise_plan.standard_train_steps if noise_plan.budget_limited
                                     else None),
+        noise_unlimited_batch_size=(
+            plan_for(unlimited_noise_scale(noise_value)).batch_size
+            if noise.status == "lower_bound" and noise_value is not None else None),
         knee_batch_size=throughput.knee_batch_size,
         input_pipeline=_as_dict(throughput.input_pipeline),
         has_batchnorm=has_batchnorm,
@@ -382,9 +387,12 @@ def _check_data_path(workload: Workload, where: torch.device, batch_size: int,
 
 
 def _usable_noise(noise: NoiseScaleResult | None) -> float | None:
-    if noise is None or noise.status != "ok" or noise.b_simple is None:
+    """The noise scale the plan uses: the estimate when resolved, the lower end of its interval
+    when only that is (planning at the bound is the sample-efficient side), else None."""
+    if noise is None or noise.status not in USABLE_NOISE:
         return None
-    return float(noise.b_simple) if math.isfinite(noise.b_simple) and noise.b_simple > 0 else None
+    value = noise.ci_low if noise.status == "lower_bound" else noise.b_simple
+    return float(value) if value is not None and math.isfinite(value) and value > 0 else None
 
 
 def _candidates(workload: Workload, throughput: ThroughputResult, memory_limit: int,

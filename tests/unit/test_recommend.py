@@ -123,3 +123,25 @@ def test_a_data_parallel_plan_says_the_loader_was_timed_alone():
                      input_pipeline={"measured": True, "bottleneck": False, "note": "fine"})
     assert any("timed with one process; ranks sharing a host also share its CPU cores" in c
                for c in rec.caveats)
+
+
+def test_a_noise_scale_known_only_from_below_is_planned_at_its_bound_and_said_so():
+    evidence = Evidence(memory_limit=2048, noise_scale=900.0, noise_status="lower_bound",
+                        noise_interval=(900.0, None), noise_measured_at_step=5000,
+                        noise_unlimited_batch_size=2048)
+    rec = recommend(Plan(256, 256, 1), evidence, base_batch_size=128, base_learning_rate=0.1,
+                    optimizer_family="sgd", steps_per_epoch=195, lr_rule="adascale")
+    assert any("B_simple ≥ 900" in line and "no upper end" in line for line in rec.rationale)
+    assert not any("not usable" in line for line in rec.rationale)
+    bound = [c for c in rec.caveats if "only known to be at least 900" in c]
+    assert len(bound) == 1 and "up to batch 2048" in bound[0]
+    # AdaScale's gain takes the bound as the noise scale (no fallback to the family rule):
+    # gain = (1 + 900/128) / (1 + 900/256) = 1.7778 at twice the batch.
+    assert rec.lr_rule == "adascale"
+    assert rec.learning_rate == pytest.approx(0.1 * (1 + 900 / 128) / (1 + 900 / 256))
+
+
+def test_a_lower_bound_that_already_settles_the_batch_adds_no_caveat():
+    rec = _recommend(Plan(2048, 2048, 1), noise_scale=900.0, noise_status="lower_bound",
+                     noise_unlimited_batch_size=2048)
+    assert not any("only known to be at least" in c for c in rec.caveats)

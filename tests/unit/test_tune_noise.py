@@ -107,6 +107,10 @@ def _estimate(b, low, high, samples=40, status="ok"):
     (_estimate(260, 200, 340, samples=15), False),    # too few samples to trust
     (_estimate(260, 200, 340, status="unstable"), False),
     (_estimate(700, 600, 900), True),                 # 1024 throughout
+    (_estimate(None, 600, math.inf, status="lower_bound"), True),   # at least 600: 1024 anyway
+    (_estimate(900, 300, math.inf, status="lower_bound"), False),   # 512 at 300, 1024 beyond
+    (_estimate(None, 600, math.inf, samples=15, status="lower_bound"), False),
+    (_estimate(None, -math.inf, math.inf, status="unstable"), False),
 ])
 def test_sampling_is_settled_when_the_decision_is_the_same_across_the_interval(estimate, settled):
     decide = lambda noise: 512 if noise < 480 else 1024  # noqa: E731
@@ -128,7 +132,8 @@ def test_the_planned_batch_never_falls_as_the_noise_scale_grows(target):
         seconds = (fixed + per_sample * sizes) * rng.uniform(0.5, 1.5, sizes.size)
         model = fit_throughput_model(sizes, seconds)
         picks = []
-        for noise in np.geomspace(10, 50_000, 60):
+        # A practically unlimited noise scale last: one-sided estimates are settled against it.
+        for noise in [*np.geomspace(10, 50_000, 60), tune_noise.unlimited_noise_scale(50_000)]:
             candidates = tuning._candidates(workload, throughput, limit, target, noise, floor=32)
             picks.append(plan_batch_size(candidates, model, noise, max_fit_batch_size=limit,
                                          reference_batch_size=128).batch_size)

@@ -127,7 +127,7 @@ class NoiseScaleEstimate:
     grad_sq_norm: float
     trace_sigma: float
     samples: int
-    status: str  # "ok" | "negative_g2" | "unstable"
+    status: str  # "ok" | "lower_bound" | "negative_g2" | "unstable"
     detail: str
     confidence: float
     blocks: int
@@ -167,7 +167,10 @@ def noise_scale_with_ci(
     denominator is well resolved; when |G|^2 is small against its noise that interval is confidently
     wrong (in simulation at B = 20000 with 30 samples, every log-scale interval it called "ok"
     missed the truth; Fieller's held its nominal coverage). Fieller's interval is unbounded exactly
-    when mean |G|^2 is not distinguishable from 0, which is then reported as "unstable".
+    when mean |G|^2 is not distinguishable from 0. Since B_simple >= 0 by definition, that set
+    still bounds B_simple from below when tr(Sigma) is resolved (status "lower_bound": ci_low
+    finite, ci_high infinite): a large noise scale not yet measured to its end is evidence for
+    large batches, not an absence of evidence. Otherwise the interval is "unstable".
     """
     confidence = fraction_in_open_unit("confidence", confidence)
     g2 = finite_array("g2_samples", g2_samples)
@@ -182,11 +185,11 @@ def noise_scale_with_ci(
         return NoiseScaleEstimate(b_simple, low, high, g2_mean, trace_mean, int(g2.size), status, detail,
                                   confidence, blocks)
 
-    if g2_mean <= 0:
-        return estimate(None, None, None, "negative_g2",
-                        f"mean |G|^2 = {g2_mean:.3g} <= 0: the true gradient is lost in the noise "
-                        "(B_simple is effectively infinite or unresolved); take more samples or a larger b_big")
-    b_simple = trace_mean / g2_mean
+    buried = (f"mean |G|^2 = {g2_mean:.3g} <= 0: the true gradient is lost in the noise "
+              "(B_simple is effectively infinite or unresolved); take more samples or a larger b_big")
+    if g2_mean <= 0 and blocks < 2:
+        return estimate(None, None, None, "negative_g2", buried)
+    b_simple = trace_mean / g2_mean if g2_mean > 0 else None
     if blocks < 2:
         return estimate(b_simple, None, None, "unstable", "one sample gives no interval; take at least 2")
 
@@ -197,9 +200,20 @@ def noise_scale_with_ci(
     h = trace_mean * g2_mean - t_sq * covariance
     c = trace_mean**2 - t_sq * var_trace
     if a <= 0:
+        low = _one_sided_lower_bound(a, h, c) if trace_mean > 0 else None
+        if low is not None:
+            return estimate(b_simple, low, math.inf, "lower_bound",
+                            f"B_simple >= {low:.3g} with {confidence:.0%} confidence: tr(Sigma) is "
+                            f"resolved but mean |G|^2 = {g2_mean:.3g} is within its noise band of 0, "
+                            "so there is no upper end; take more samples or a larger b_big to bound it")
+        if g2_mean <= 0:
+            return estimate(None, None, None, "negative_g2", buried)
         return estimate(b_simple, -math.inf, math.inf, "unstable",
                         f"mean |G|^2 = {g2_mean:.3g} is within the {confidence:.0%} noise band of 0, so "
                         "the interval is unbounded; take more samples or a larger b_big")
+    if b_simple is None:
+        # |G|^2 resolved as negative: the samples contradict the model (E|G_b|^2 = |G|^2 + S/b).
+        return estimate(None, None, None, "negative_g2", buried)
     root = math.sqrt(max(h * h - a * c, 0.0))  # >= 0: B = b_simple always satisfies the inequality
     low, high = (h - root) / a, (h + root) / a
 
@@ -212,6 +226,22 @@ def noise_scale_with_ci(
                         f"the {confidence:.0%} interval [{low:.3g}, {high:.3g}] spans more than "
                         f"{max_ci_ratio:g}x; take more samples")
     return estimate(b_simple, low, high, "ok", f"{confidence:.0%} Fieller interval, jackknife over {blocks} blocks")
+
+
+def _one_sided_lower_bound(a: float, h: float, c: float) -> float | None:
+    """The positive end of Fieller's set {B : a B^2 - 2 h B + c <= 0} when a <= 0 (|G|^2 not
+    resolved from 0), or None when the set reaches down to 0 (no lower bound).
+
+    With c > 0 (tr(Sigma) resolved) B = 0 is outside the set, which for a < 0 is then
+    (-inf, r1] + [r2, inf) with r1 < 0 < r2; B_simple >= 0, so [r2, inf) is what is left. The
+    root is written as c / (h + sqrt(h^2 - a c)), which stays accurate as a -> 0 (where the
+    textbook form cancels) and is c / 2h at a = 0. Example: a constant tr(Sigma) = T gives
+    T / (mean |G|^2 + t * se(|G|^2)), i.e. T over the interval's upper end for |G|^2.
+    """
+    if not c > 0:
+        return None
+    denominator = h + math.sqrt(max(h * h - a * c, 0.0))
+    return float(c / denominator) if denominator > 0 else None
 
 
 def student_t_quantile(probability: float, dof: int) -> float:

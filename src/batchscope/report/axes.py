@@ -13,12 +13,16 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 # From here on, multiples of 1024 are labelled "16k", "32k", ... (the usual way to write large
-# batch sizes) so that a dozen labels still fit side by side.
+# batch sizes) so that a dozen labels still fit side by side; likewise "16M" for multiples of
+# 1024^2 (tiny models probe batches of millions, where "16384k" ran into its neighbours).
 _SHORT_FROM = 16384
+_MEGA = 1024 * 1024
 
 
 def batch_size_label(value: float, _position: object = None) -> str:
-    """A tick label for a batch size: `512`, `45000`, `32k` (= 32768), `0.5`."""
+    """A tick label for a batch size: `512`, `45000`, `32k` (= 32768), `16M`, `0.5`."""
+    if value >= 16 * _MEGA and float(value).is_integer() and int(value) % _MEGA == 0:
+        return f"{int(value) // _MEGA}M"
     if value >= _SHORT_FROM and float(value).is_integer() and int(value) % 1024 == 0:
         return f"{int(value) // 1024}k"
     if float(value).is_integer():

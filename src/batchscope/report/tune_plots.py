@@ -90,17 +90,20 @@ def noise_figure(noise: Mapping[str, Any] | None, goodput: Mapping[str, Any] | N
     curve = (goodput or {}).get("curve") or []
     sizes = sorted({c["batch_size"] for c in curve}) or [2**k for k in range(3, 14)]
     base = reference_batch_size or sizes[0]
-    for value, style, label in (
-        (b_noise, {"color": "#9467bd"}, "B_noise"),
-        (noise.get("ci_low"), {"color": "#9467bd", "alpha": 0.35, "linestyle": "--"}, "CI low"),
-        (noise.get("ci_high"), {"color": "#9467bd", "alpha": 0.35, "linestyle": "--"}, "CI high"),
-    ):
+    faded = {"color": "#9467bd", "alpha": 0.35, "linestyle": "--"}
+    lines = [(b_noise, {"color": "#9467bd"}, "B_noise = "), (noise.get("ci_low"), faded, "CI low = "),
+             (noise.get("ci_high"), faded, "CI high = ")]
+    if noise.get("status") == "lower_bound":
+        # Only "at least" is known, and the plan used the bound: draw it as the estimate.
+        lines = [(noise.get("ci_low"), {"color": "#9467bd"}, "B_noise ≥ "),
+                 (b_noise, faded, "point estimate ")]
+    for value, style, label in lines:
         if value is not None and value > 0:
             efficiency = [(value + base) / (value + b) for b in sizes]
-            ax.plot(sizes, efficiency, label=f"efficiency, {label} = {value:,.0f}", **style)
-            if label == "B_noise":
+            ax.plot(sizes, efficiency, label=f"efficiency, {label}{value:,.0f}", **style)
+            if style is not faded:
                 ax.axvline(value, color="#9467bd", alpha=0.4, linewidth=1)
-    if b_noise is None or b_noise <= 0:
+    if not (lines[0][0] or 0) > 0:
         ax.text(0.5, 0.5, f"noise scale not usable: {noise.get('status', 'unknown')}",
                 transform=ax.transAxes, ha="center")
     batch_size_axis(ax)

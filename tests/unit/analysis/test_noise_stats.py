@@ -119,8 +119,8 @@ def test_single_sample_blocks_give_fieller_interval_from_sample_covariance():
     assert estimate.status == "ok"
 
 
-def test_gradient_indistinguishable_from_zero_gives_unbounded_interval():
-    estimate = noise_scale_with_ci([0.1, 3.0, -2.0, 0.5], [100.0, 120.0, 90.0, 110.0])
+def test_gradient_and_trace_both_unresolved_give_an_unbounded_interval():
+    estimate = noise_scale_with_ci([0.1, 3.0, -2.0, 0.5], [100.0, -60.0, 250.0, 130.0])
     assert estimate.status == "unstable"
     assert estimate.b_simple == pytest.approx(105.0 / 0.4)  # reported, not clipped or hidden
     assert estimate.ci_low == -math.inf and estimate.ci_high == math.inf
@@ -128,12 +128,71 @@ def test_gradient_indistinguishable_from_zero_gives_unbounded_interval():
     assert data["ci_low"] is None and data["ci_high"] is None
 
 
+def test_unresolved_gradient_with_a_resolved_trace_bounds_the_noise_scale_from_below():
+    # Constant tr(Sigma) = T has no variance, so Fieller's set is {B : T / B within t standard
+    # errors of mean |G|^2}; B >= 0 leaves [T / (mean + t se), inf): T over the upper end of |G|^2.
+    g2 = np.array([0.3, -0.2, 0.5, -0.1, 0.2, 0.1])
+    estimate = noise_scale_with_ci(g2, [100.0] * 6, confidence=0.9, blocks=6)
+    t = 2.015048  # Student t, 95th percentile, 5 degrees of freedom (table value)
+    standard_error = g2.std(ddof=1) / math.sqrt(6)
+    assert g2.mean() < t * standard_error  # |G|^2 is indistinguishable from 0 ...
+    assert estimate.status == "lower_bound"  # ... yet B_simple is bounded below
+    assert estimate.ci_low == pytest.approx(100.0 / (g2.mean() + t * standard_error), rel=1e-6)
+    assert estimate.ci_high == math.inf and estimate.b_simple == pytest.approx(100.0 / g2.mean())
+    assert f"B_simple >= {estimate.ci_low:.3g}" in estimate.detail
+    data = json.loads(json.dumps(estimate.to_dict(), allow_nan=False))
+    assert data["ci_low"] == pytest.approx(estimate.ci_low) and data["ci_high"] is None
+
+
+def test_lower_bound_is_the_positive_root_of_fiellers_quadratic():
+    # A general case, trace and |G|^2 correlated: the bound is the positive root of
+    # a B^2 - 2 h B + c with a < 0 < c, computed here with numpy's root finder.
+    g2 = np.array([0.4, -0.3, 0.9, -0.6, 0.2, 0.5, -0.1, 0.3])
+    trace = np.array([120.0, 80.0, 150.0, 70.0, 100.0, 125.0, 90.0, 105.0])
+    estimate = noise_scale_with_ci(g2, trace, confidence=0.9, blocks=8)
+    cov = np.cov(np.vstack([g2, trace]), ddof=1) / 8
+    t = student_t_quantile(0.95, 7)
+    quadratic = [g2.mean() ** 2 - t**2 * cov[0, 0],
+                 -2 * (g2.mean() * trace.mean() - t**2 * cov[0, 1]),
+                 trace.mean() ** 2 - t**2 * cov[1, 1]]
+    assert quadratic[0] < 0 < quadratic[2]
+    roots = np.roots(quadratic).real
+    assert estimate.status == "lower_bound"
+    assert estimate.ci_low == pytest.approx(roots.max(), rel=1e-9) and roots.min() < 0
+
+
+def test_lower_bound_holds_its_confidence_when_the_gradient_is_buried():
+    # The truth is B = 20000 with b_big = 256: most estimates can only say "at least", and that
+    # bound must sit below the truth about 90% of the time (95%: one side of a 90% set).
+    bounds = []
+    for seed in range(200):
+        small, big = simulate_sq_norms(np.random.default_rng(seed), samples=30, true_b=20000.0)
+        estimate = noise_scale_with_ci(*unbiased_components(B_SMALL, small, B_BIG, big))
+        if estimate.status == "lower_bound":
+            bounds.append(estimate.ci_low)
+    assert len(bounds) >= 150
+    assert np.mean(np.array(bounds) <= 20000.0) >= 0.88
+    assert np.median(bounds) > 4 * B_BIG  # and it says something: far above the batches measured
+
+
 def test_negative_g2_is_reported_not_clipped():
-    estimate = noise_scale_with_ci([-0.5, 0.2, -0.1], [10.0, 12.0, 11.0])
+    # mean |G|^2 < 0 and too few samples for an interval: nothing to bound.
+    estimate = noise_scale_with_ci([-0.5, 0.2, -0.1], [10.0, 12.0, 11.0], blocks=1)
     assert estimate.status == "negative_g2"
     assert estimate.b_simple is None and estimate.ci_low is None
     assert estimate.grad_sq_norm == pytest.approx(-0.4 / 3)
     assert "|G|^2" in estimate.detail
+
+
+def test_negative_g2_within_its_noise_still_bounds_the_noise_scale_from_below():
+    estimate = noise_scale_with_ci([-0.5, 0.2, -0.1], [10.0, 12.0, 11.0])
+    assert estimate.status == "lower_bound" and estimate.b_simple is None
+    assert 0 < estimate.ci_low < math.inf and estimate.ci_high == math.inf
+
+
+def test_a_resolved_negative_g2_contradicts_the_model_and_gets_no_interval():
+    estimate = noise_scale_with_ci([-1.0, -1.1, -0.9, -1.0], [10.0, 12.0, 11.0, 9.0])
+    assert estimate.status == "negative_g2" and estimate.ci_low is None and estimate.b_simple is None
 
 
 def test_negative_trace_keeps_its_sign_and_is_unstable():

@@ -51,6 +51,8 @@ def test_the_report_inlines_the_saved_svg_without_drawing_again(tmp_path, monkey
 
 @pytest.mark.parametrize(("value", "label"), [(8, "8"), (512, "512"), (4096, "4096"),
                                               (16384, "16k"), (65536, "64k"), (45000, "45000"),
+                                              (8 * 2**20, "8192k"), (16 * 2**20, "16M"),
+                                              (2**27, "128M"),
                                               (20000, "20000"), (0.5, "0.5")])
 def test_batch_size_labels_are_plain_numbers(value, label):
     assert batch_size_label(value) == label
