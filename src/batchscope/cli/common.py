@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from rich.console import Console
 
@@ -67,6 +69,56 @@ def record_path(out: Path | None, default_name: str) -> Path | None:
         raise UsageError(f"--out {str(out)!r} is not writable ({exc.strerror or exc}); pass a "
                          f"writable file or directory") from None
     return path
+
+
+def torchrun_processes(environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
+    """This process's job when a launcher (torchrun, or any that sets the same variables) started
+    it as one of several: (WORLD_SIZE, its RANK or LOCAL_RANK as "RANK=r"). None when it runs
+    alone: no such variables, a job of one process (torchrun --nproc-per-node 1), or a
+    WORLD_SIZE that is no number (no launcher writes one)."""
+    environ = os.environ if environ is None else environ
+    try:
+        world = int(environ.get("WORLD_SIZE", ""))
+    except ValueError:
+        return None
+    # WORLD_SIZE alone may be a user's own variable; torchrun always sets a rank beside it.
+    rank_name = next((name for name in ("RANK", "LOCAL_RANK") if name in environ), None)
+    if world <= 1 or rank_name is None:
+        return None
+    return world, f"{rank_name}={environ[rank_name]}"
+
+
+def refuse_under_torchrun(command: str, why: str, fix: str | Callable[[int], str]) -> None:
+    """Raise a UsageError when `batchscope {command}` runs as one of several processes of a
+    torchrun job: every rank would run the whole command on its own, on the same device, each
+    disturbing the others' memory and timings and all writing the same output. Called first
+    thing in a command, before any path is created or anything measured. The one-line message
+    names what was seen, `why` (what the ranks would do) and `fix` (given the world size when
+    it is a function)."""
+    job = torchrun_processes()
+    if job is None:
+        return
+    world, rank = job
+    remedy = fix(world) if callable(fix) else fix
+    raise UsageError(f"batchscope {command} is running as one of {world} processes of a torchrun "
+                     f"job (WORLD_SIZE={world}, {rank}): {why}; {remedy}")
+
+
+def data_parallel_tune_hint(workload: str) -> str:
+    """The command that plans for a data-parallel job, launched the way the user launched this."""
+    return f"torchrun ... -m batchscope tune -w {shlex.quote(workload)} --distributed"
+
+
+def refuse_probe_under_torchrun(probe: str, workload: str) -> None:
+    """`batchscope probe {probe}` measures one device: under torchrun it refuses (see
+    refuse_under_torchrun), pointing at one plain run or at `tune --distributed`."""
+    refuse_under_torchrun(
+        f"probe {probe}",
+        "every rank would probe the same device while the others disturb its memory and timings, "
+        "and all would write the same --out",
+        f"a probe measures one device: run it once, without torchrun (batchscope probe {probe} -w "
+        f"{shlex.quote(workload)} ...), or for a data-parallel plan run "
+        f"{data_parallel_tune_hint(workload)}")
 
 
 def print_json(data: Any) -> None:

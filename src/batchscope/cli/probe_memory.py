@@ -19,6 +19,7 @@ from batchscope.cli.common import (
     parse_options,
     print_json,
     record_path,
+    refuse_probe_under_torchrun,
 )
 from batchscope.probes.memory import (
     DEFAULT_MARGIN,
@@ -62,6 +63,7 @@ def command(
     ),
 ) -> None:
     """Find the largest batch whose training steps fit in memory."""
+    refuse_probe_under_torchrun("memory", workload)  # before --out is touched
     out = record_path(out, "memory.json")
     options = parse_options(option or [])
     budget = parse_size(memory_budget) if memory_budget is not None else None

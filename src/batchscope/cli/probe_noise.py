@@ -19,6 +19,7 @@ from batchscope.cli.common import (
     load_workload,
     print_json,
     record_path,
+    refuse_probe_under_torchrun,
 )
 from batchscope.device import resolve_device
 from batchscope.probes.noise import DEFAULT_ACCUMULATION, DEFAULT_STEPS, NoiseScaleResult, estimate_noise_scale
@@ -47,6 +48,7 @@ def command(
 ) -> None:
     """Measure the gradient noise scale B_simple: the batch size beyond which bigger batches
     stop paying for themselves in fewer steps."""
+    refuse_probe_under_torchrun("noise", workload)  # before --out is touched
     out = record_path(out, "noise.json")
     spec = load_workload(workload, option)
     resolved = resolve_device(device)

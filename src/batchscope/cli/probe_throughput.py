@@ -18,6 +18,7 @@ from batchscope.cli.common import (
     load_workload,
     print_json,
     record_path,
+    refuse_probe_under_torchrun,
 )
 from batchscope.errors import UsageError
 from batchscope.probes.throughput import (
@@ -60,6 +61,7 @@ def command(
                                        help=OUT_FILE_HELP.format(name="throughput.json")),
 ) -> None:
     """Measure training throughput at each batch size; report the knee and data bottlenecks."""
+    refuse_probe_under_torchrun("throughput", workload)  # before --out is touched
     out = record_path(out, "throughput.json")
     # Bad input and "not even the smallest batch fits" are reported by cli.main, as for every
     # command (one line, exit codes 2 and 1).

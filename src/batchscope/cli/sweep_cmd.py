@@ -17,9 +17,11 @@ from batchscope.cli.common import (
     OPTION_HELP,
     WORKLOAD_HELP,
     console,
+    data_parallel_tune_hint,
     err_console,
     parse_options,
     print_json,
+    refuse_under_torchrun,
 )
 from batchscope.sweep.api import sweep
 from batchscope.sweep.grid import parse_batch_sizes
@@ -70,6 +72,13 @@ def command(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train short real trials over batch sizes (Optuna or Ray Tune) and show time vs quality."""
+    refuse_under_torchrun(
+        "sweep",
+        "every rank would train trials on the same device at once, each disturbing the others' "
+        "timings",
+        "run it once, without torchrun (for trials in parallel: one `batchscope sweep` per device "
+        "sharing --storage and --study, or --backend ray), or for a data-parallel plan run "
+        f"{data_parallel_tune_hint(workload)}")
 
     def progress(message: str) -> None:
         err_console.print(message, markup=False, highlight=False)

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from batchscope.cli.common import (DEVICE_HELP, JSON_HELP, OPTION_HELP, WORKLOAD_HELP, console,
-                                   err_console, parse_options, print_json)
+                                   err_console, parse_options, print_json, refuse_under_torchrun)
 from batchscope.errors import UsageError
 from batchscope.report.tune_report import summary_rows
 from batchscope.tuning import tune
@@ -46,6 +46,14 @@ def command(
     """Measure memory, throughput and noise scale; recommend batch size, LR, warmup, accumulation."""
     if distributed and world_size is not None:
         raise UsageError("--distributed plans for the torchrun job's world size; drop --world-size")
+    if not distributed:
+        refuse_under_torchrun(
+            "tune",
+            "without --distributed every rank would tune on its own, on the same device, "
+            "disturbing the others' measurements, and all would write the same --out",
+            lambda world: "add --distributed (rank 0 measures for the job, every rank checks the "
+            f"batch), or run it once without torchrun with --world-size {world} to plan for "
+            f"{world} devices")
     # Under torchrun only rank 0 draws the progress line (the ranks share one terminal).
     shows_progress = not distributed or os.environ.get("RANK", "0") == "0"
     with _torchrun_job(device) if distributed else contextlib.nullcontext(device) as where:
@@ -55,7 +63,7 @@ def command(
                 optimizer_family=optimizer_family, lr_rule=lr_rule, memory_budget=memory_budget,
                 out_dir=out, workload_options=parse_options(option),
                 progress=(lambda message: status.update(f"tuning: {message}")) if shows_progress
-                else (lambda message: None), world_size=world_size,
+                else (lambda message: None), world_size=world_size, distributed=distributed,
             )
         if distributed and torch.distributed.get_rank() != 0:
             return  # rank 0 prints; every rank got the same result
