@@ -126,6 +126,7 @@ def tune(
     workload_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
     world_size: int | None = None,
+    distributed: bool = False,
 ) -> TuneResult:
     """Measure memory, throughput and gradient noise, then recommend batch size, LR, warmup and
     gradient accumulation for `workload` on `device`.
@@ -146,12 +147,18 @@ def tune(
         world_size: plan for this many data-parallel devices (DDP): the probes run on this
             device, the recommended batch is global, each device's share per step is
             `per_device_batch_size` x `grad_accumulation`, and the LR is the global batch's.
-            Default: torch.distributed's world size when it is initialised, else 1.
+            Default: 1, or the job's world size with `distributed=True`.
+        distributed: call tune on every rank of an initialised torch.distributed job: rank 0
+            measures for the job, every rank checks the per-device batch and returns the same
+            result. Without it, an initialised job of several ranks is refused (one process
+            cannot know whether the others call tune too, and waiting for them would hang a
+            call made on rank 0 alone): pass world_size= to tune on this process only.
     """
     started = time.perf_counter()
     say = progress or (lambda message: logger.info(message))
     _check_arguments(budget_s, target, optimizer_family)
     world = _world_size(world_size)
+    _check_distributed(distributed, world_size, world)
 
     def prepare() -> _Prepared:
         # A bad rule fails before minutes of probing, not after.
@@ -167,7 +174,7 @@ def tune(
                         family=prepared.family, lr_rule=prepared.lr_rule, say=say, started=started,
                         write_report=write_report, sync_seconds=sync_seconds)
 
-    if world_size is None and world > 1:
+    if distributed:
         # Every rank of a data-parallel job called tune: rank 0 measures for all of them (with
         # the all-reduce timed across the ranks), and writes the report once every rank has
         # checked the batch (tune_distributed).
@@ -365,6 +372,25 @@ def _world_size(world_size: int | None) -> int:
         raise UsageError(f"world_size={world_size!r} must be a whole number of data-parallel "
                          f"devices, at least 1")
     return world_size
+
+
+def _check_distributed(distributed: bool, world_size: int | None, world: int) -> None:
+    """The collective path only when asked for: entered on one rank alone, it waits in
+    dist.new_group for ranks that never come (the coordination group's timeout, 30 minutes
+    or more)."""
+    if not isinstance(distributed, bool):
+        raise UsageError(f"distributed={distributed!r} must be True (every rank of a job calls "
+                         f"tune) or False")
+    if distributed and world_size is not None:
+        raise UsageError("distributed=True plans for the job's world size; drop world_size=")
+    if distributed and not _distributed():
+        raise UsageError("distributed=True needs torch.distributed initialised on every rank "
+                         "(init_process_group, or torchrun ... -m batchscope tune --distributed); "
+                         "drop it to tune on this process")
+    if not distributed and world_size is None and world > 1:
+        raise UsageError(f"torch.distributed is initialised with world size {world}: pass "
+                         f"distributed=True on every rank (rank 0 measures for the job), or "
+                         f"world_size={world} to tune on this process alone")
 
 
 def _distributed() -> bool:

@@ -360,3 +360,13 @@ def test_an_infinite_budget_is_refused_before_any_probe():
 def test_a_world_size_below_one_is_refused_before_any_probe():
     with pytest.raises(batchscope.UsageError, match="world_size=0 must be a whole number"):
         batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=20, world_size=0)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(distributed=True), "needs torch.distributed initialised"),
+    (dict(distributed=True, world_size=2), "drop world_size="),
+    (dict(distributed="yes"), "distributed='yes' must be True"),
+])
+def test_the_collective_path_is_refused_before_any_probe_unless_a_job_is_running(options, fragment):
+    with pytest.raises(batchscope.UsageError, match=fragment):
+        batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=20, **options)

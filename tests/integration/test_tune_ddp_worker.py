@@ -39,6 +39,7 @@ def _tune(rank: int, out: Path | None, memory_budget: str, workload=None) -> dic
     rng = torch.get_rng_state()
     try:
         result = batchscope.tune(workload, device="cpu", budget_s=10, memory_budget=memory_budget,
+                                 distributed=True,
                                  out_dir=out)
     except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
         return {"error": f"{type(exc).__name__}: {exc}", "rng_kept": torch.equal(rng, torch.get_rng_state())}
