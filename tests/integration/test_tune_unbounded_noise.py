@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import batchscope
 from batchscope.tune_noise import NoisePlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "probes"))
-from test_noise_problems import linear_data, linear_model, linear_workload  # noqa: E402
+from test_noise_problems import linear_workload_at_the_optimum  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -28,23 +27,8 @@ def fixed_noise_plan(monkeypatch):
                                                           samples=16))
 
 
-def _at_the_optimum():
-    x, y = (t.double() for t in linear_data())
-    design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    solution = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1)
-
-    def build_model(device):
-        model = linear_model(device)
-        with torch.no_grad():
-            model.weight.copy_(solution[:-1].float().unsqueeze(0))
-            model.bias.fill_(float(solution[-1]))
-        return model
-
-    return linear_workload().with_settings(build_model=build_model)
-
-
 def test_a_noise_scale_bounded_only_from_below_is_planned_at_its_bound(tmp_path):
-    result = batchscope.tune(_at_the_optimum(), device="cpu", budget_s=30,
+    result = batchscope.tune(linear_workload_at_the_optimum(), device="cpu", budget_s=30,
                              memory_budget="256MiB", out_dir=tmp_path)
     noise = result.noise
     assert noise.status == "lower_bound", noise.detail

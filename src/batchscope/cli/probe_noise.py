@@ -88,9 +88,11 @@ def _table(result: NoiseScaleResult) -> Table:
     table = Table(title="Gradient noise scale")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    interval = (
-        f"[{result.ci_low:.4g}, {result.ci_high:.4g}]" if result.ci_low is not None and result.ci_high is not None else "-"
-    )
+    interval = "-"
+    if result.ci_low is not None and result.ci_high is not None:
+        interval = f"[{result.ci_low:.4g}, {result.ci_high:.4g}]"
+    elif result.ci_low is not None and result.status == "lower_bound":
+        interval = f"[{result.ci_low:.4g}, ∞): at least {result.ci_low:.4g}"
     rows = [
         ("B_simple (examples)", _fmt(result.b_simple)),
         (f"{result.confidence:.0%} interval", interval),

@@ -50,6 +50,19 @@ def test_human_output_shows_the_estimate_and_interval(app):
     assert "8 / 16" in result.stdout  # default micro-batch: reference batch 16 / accumulation 2
 
 
+def test_a_noise_scale_known_only_from_below_is_shown_as_at_least(app):
+    # At the least-squares optimum B_noise is infinite: the table gives the interval's lower end.
+    result = CliRunner().invoke(app, ["-w", "test_noise_problems:at_the_optimum_entry_point",
+                                      "--device", "cpu", "--steps", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["status"] == "lower_bound" and data["ci_high"] is None
+    result = CliRunner().invoke(app, ["-w", "test_noise_problems:at_the_optimum_entry_point",
+                                      "--device", "cpu", "--steps", "16"])
+    assert result.exit_code == 0, result.output
+    assert f"[{data['ci_low']:.4g}, ∞): at least {data['ci_low']:.4g}" in result.stdout
+
+
 def test_bad_values_raise_usage_errors(app):
     result = CliRunner().invoke(app, ["-w", ENTRY, "--device", "cpu", "--steps", "1"])
     assert isinstance(result.exception, UsageError) and "steps=1" in str(result.exception)

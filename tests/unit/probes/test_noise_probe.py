@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # the shared problems live besid
 from test_noise_problems import (  # noqa: E402
     adam_preconditioner,
     analytic_noise,
-    linear_data,
     linear_model,
     linear_workload,
+    linear_workload_at_the_optimum,
     mlp_exact_noise,
     mlp_workload,
 )
@@ -191,18 +191,7 @@ def test_batchnorm_is_noted_for_accumulation_and_refused_per_example():
 
 def test_unresolved_noise_is_reported_not_clipped():
     # At the exact least-squares optimum G = 0: the mean |G|^2 estimate hovers around zero.
-    x, y = (t.double() for t in linear_data())
-    design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    solution = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1)
-
-    def at_optimum(device):
-        model = linear_model(device)
-        with torch.no_grad():
-            model.weight.copy_(solution[:-1].float().unsqueeze(0))
-            model.bias.fill_(float(solution[-1]))
-        return model
-
-    result = _probe(linear_workload().with_settings(build_model=at_optimum), seed=0)
+    result = _probe(linear_workload_at_the_optimum(), seed=0)
     # B_noise is infinite here: no interval may have an upper end, and a lower bound is all
     # the probe can honestly give (tr(Sigma) is resolved, |G|^2 is not).
     assert result.status == "lower_bound", result.detail

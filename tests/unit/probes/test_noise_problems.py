@@ -80,9 +80,31 @@ def linear_workload(
     )
 
 
+def linear_workload_at_the_optimum() -> Workload:
+    """`linear_workload()` started at the exact least-squares solution: the true gradient is 0,
+    so B_noise = tr(Sigma)/|G|^2 is infinite and only a lower bound can be measured."""
+    x, y = (t.double() for t in linear_data())
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1)
+
+    def build_model(device: torch.device | str) -> nn.Linear:
+        model = linear_model(device)
+        with torch.no_grad():
+            model.weight.copy_(solution[:-1].float().unsqueeze(0))
+            model.bias.fill_(float(solution[-1]))
+        return model
+
+    return linear_workload().with_settings(build_model=build_model)
+
+
 def entry_point() -> Workload:
     """`test_noise_problems:entry_point` for CLI tests."""
     return linear_workload()
+
+
+def at_the_optimum_entry_point() -> Workload:
+    """`test_noise_problems:at_the_optimum_entry_point` for CLI tests."""
+    return linear_workload_at_the_optimum()
 
 
 def per_example_gradients(model: nn.Linear, preconditioner: np.ndarray | None = None) -> np.ndarray:
