@@ -23,7 +23,7 @@ import batchscope
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 GPU_BENCHMARKS = ("memory", "throughput", "noise", "tune_vs_reference", "seed_experiment",
-                  "adaptive_vs_fixed")
+                  "adaptive_vs_fixed", "adaptive_overhead")
 
 
 def _load(name: str) -> ModuleType:

@@ -163,7 +163,9 @@ class AdaptiveBatchSize:
         """Start from `tune`'s recommendation and measurements: its batch, LR rule, base, warmup
         (as examples; the workload's own warmup when longer), memory limit, throughput model and
         candidates, and the workload's schedule over `epochs` epochs of `dataset_size` (default:
-        the workload's) examples. Under DDP the starting batch is re-planned for the ranks."""
+        the workload's) examples. Under DDP the starting batch is re-planned for the ranks.
+        On one device `measure_every` defaults to what keeps the measured steps' split under
+        3% of training time at the starting batch (`BatchSizePolicy.measurement_interval`)."""
         if result.step_time is None:
             raise UsageError("this TuneResult has no throughput model; run batchscope.tune() again")
         rec = result.recommendation
@@ -210,6 +212,10 @@ class AdaptiveBatchSize:
             share = min(max(1, rec.batch_size // rec.world_size), max(policy.candidates))
             optimum = policy.decide(share, None if noise is None else noise / world).optimum
             start = world * (optimum or share)
+        if world == 1:
+            # Measured steps are split in two (see measurement_interval); under DDP the ranks'
+            # shares are the small batches and nothing is split.
+            options.setdefault("measure_every", policy.measurement_interval(start))
         adaptive = cls(model, optimizer, policy, batch_size=start,
                        base_batch_size=rec.base_batch_size, base_lr=rec.base_learning_rate,
                        lr_rule=rec.lr_rule, schedule=schedule, **options)

@@ -439,3 +439,14 @@ def test_a_sampler_over_another_dataset_size_than_the_schedules_is_refused():
     with pytest.raises(UsageError, match="batch_sampler\\(dataset_size=1000\\) but the schedule was planned "
                                          "for epochs of 160 examples"):
         adaptive.batch_sampler(1000)
+
+
+def test_from_tune_spaces_measured_steps_by_what_their_split_costs_unless_told():
+    model = linear_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    adaptive = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), model, optimizer, epochs=1)
+    # The same number the policy gives for the starting batch (its maths: test_adaptive_policy).
+    assert adaptive.monitor.every == adaptive.policy.measurement_interval(32) > 10
+    told = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), linear_model(), optimizer, epochs=1,
+                                       measure_every=3)
+    assert told.monitor.every == 3

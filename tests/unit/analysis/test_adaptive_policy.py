@@ -131,3 +131,21 @@ def test_the_all_reduce_per_step_counts_in_the_policys_plan():
     # at B_noise 100, so powers of two 128 vs 256.
     assert plain.decide(8, 100.0).optimum == 128
     assert synced.decide(8, 100.0).optimum == 256
+
+
+@pytest.mark.parametrize("batch, every", [
+    (512, 23),     # affine a + b m: a measured step costs a more, a / (a + 512 b) = 66% -> 22.05
+    (32, 33),      # launch-bound: the split almost doubles the step (97%) -> 32.3
+    (4096, 10),    # 20% extra -> 6.5, but never more often than the monitor's default
+    (8192, 10),    # accumulated anyway: the measured step splits no further, nothing extra
+])
+def test_measured_steps_are_spaced_to_keep_their_split_under_three_percent(batch, every):
+    extra = A / (A + B * batch) if batch <= 4096 else 0.0
+    assert math.ceil(extra / 0.03) == every or every == 10
+    assert policy().measurement_interval(batch) == every
+
+
+def test_the_measurement_interval_is_capped_so_the_noise_scale_is_still_followed():
+    assert policy().measurement_interval(32, max_overhead=0.005) == 100  # 194 uncapped
+    with pytest.raises(UsageError, match="max_overhead"):
+        policy().measurement_interval(32, max_overhead=0)
