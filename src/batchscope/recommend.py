@@ -100,6 +100,7 @@ def recommend(
     lr_plan = scaling.scale_learning_rate(
         base_learning_rate, base_batch_size, batch, rule,
         noise_scale=usable_noise, family=optimizer_family,
+        noise_is_lower_bound=evidence.noise_status == "lower_bound",
         # steps per epoch at the NEW batch size turns "5 warmup epochs" into steps
         steps_per_epoch=max(1, steps_per_epoch) if steps_per_epoch else None,
     )

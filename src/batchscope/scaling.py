@@ -75,10 +75,12 @@ def scale_learning_rate(
     steps_per_epoch: int | None = None,
     warmup_epochs: float = DEFAULT_WARMUP_EPOCHS,
     family: str | None = None,
+    noise_is_lower_bound: bool = False,
 ) -> LrPlan:
     """The learning rate for `batch_size` given one that worked at `base_batch_size`.
 
-    `noise_scale` (B_simple) is required by "adascale" and sharpens the warnings for the others;
+    `noise_scale` (B_simple) is required by "adascale" and sharpens the warnings for the others
+    (`noise_is_lower_bound`: it is only known to be at least that, and the warnings say so);
     `steps_per_epoch` (at the NEW batch size) turns the warmup length into steps.
     """
     base_lr = positive_number("base_lr", base_lr)
@@ -88,7 +90,8 @@ def scale_learning_rate(
     noise = None if noise_scale is None else positive_number("noise_scale", noise_scale, allow_inf=True)
     factor = lr_factor(rule, batch, base, noise)
     warmup = None if steps_per_epoch is None else warmup_steps(factor, steps_per_epoch, warmup_epochs)
-    warnings = lr_warnings(rule, factor, batch, base, noise_scale=noise, family=family)
+    warnings = lr_warnings(rule, factor, batch, base, noise_scale=noise, family=family,
+                           noise_is_lower_bound=noise_is_lower_bound)
     if warmup is None and factor > NO_WARMUP_MAX_FACTOR:
         warnings.append(f"the LR grows {factor:.3g}x: use gradual warmup over ~{warmup_epochs:g} epochs "
                         "(pass steps_per_epoch to get it in steps)")
@@ -150,6 +153,7 @@ def lr_warnings(
     *,
     noise_scale: float | None = None,
     family: str | None = None,
+    noise_is_lower_bound: bool = False,
 ) -> list[str]:
     """Reasons to distrust a scaled LR, one sentence each (empty when none apply)."""
     rule = rule_name(rule)
@@ -157,8 +161,13 @@ def lr_warnings(
     scale = batch_size / base_batch_size
     if rule == "linear" and noise_scale is not None and math.isfinite(noise_scale) and batch_size > noise_scale:
         # McCandlish et al. 2018: the best LR is eps_max / (1 + B_noise/B), linear only for B << B_noise.
-        warnings.append(f"batch {batch_size} exceeds the noise scale (~{noise_scale:.3g}): the best LR grows "
-                        "sublinearly there, so linear scaling overshoots; consider rule 'adascale'")
+        if noise_is_lower_bound:
+            warnings.append(f"batch {batch_size} exceeds the noise scale's lower bound ({noise_scale:.3g}): "
+                            "if the noise scale is below the batch too, the best LR grows sublinearly "
+                            "there and linear scaling overshoots; rule 'adascale' adapts to it")
+        else:
+            warnings.append(f"batch {batch_size} exceeds the noise scale (~{noise_scale:.3g}): the best LR "
+                            "grows sublinearly there, so linear scaling overshoots; consider rule 'adascale'")
     if factor > LARGE_FACTOR:
         # Goyal et al. 2017, Fig. 1: linear scaling held to 32x the base batch, not beyond.
         warnings.append(f"the LR factor {factor:.3g} is above {LARGE_FACTOR:g}x, past the range where "

@@ -83,11 +83,20 @@ def tune_on_every_rank(prepare: Callable[[], P], measure: Callable[[P, float], "
     a rank does on its own (progress messages included) sits inside an agreement point, so the
     collectives between them are entered by every rank or by none."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    # Said before the group is made, which waits for every rank: a rank left waiting there
+    # (the others never called tune) has at least said what it waits for. A progress callback
+    # that fails here fails inside the first agreement point, not before the group.
+    try:
+        say(f"rank {rank} of {world}: waiting for every rank to call tune(distributed=True)")
+        failed_to_say: Exception | None = None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, where every rank agrees
+        failed_to_say = exc
     group = _coordination_group(budget_s)
     try:
         with all_or_none("preparing tune", group):
-            say(f"rank {rank} of {world}: preparing (every rank must call tune, or pass "
-                f"world_size= to tune on one)")
+            if failed_to_say is not None:
+                raise failed_to_say
+            say(f"rank {rank} of {world}: preparing")
             prepared = prepare()
             workload, device = prepared.workload, prepared.device
             buffer = _gradient_buffer(workload, device)

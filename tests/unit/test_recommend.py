@@ -141,6 +141,13 @@ def test_a_noise_scale_known_only_from_below_is_planned_at_its_bound_and_said_so
     assert rec.learning_rate == pytest.approx(0.1 * (1 + 900 / 128) / (1 + 900 / 256))
 
 
+def test_the_linear_rules_warning_says_when_the_noise_scale_is_only_a_bound():
+    bound = _recommend(Plan(512, 512, 1), noise_scale=300.0, noise_status="lower_bound")
+    assert any("exceeds the noise scale's lower bound (300)" in c for c in bound.caveats)
+    known = _recommend(Plan(512, 512, 1), noise_scale=300.0)
+    assert any("exceeds the noise scale (~300)" in c for c in known.caveats)
+
+
 def test_a_lower_bound_that_already_settles_the_batch_adds_no_caveat():
     rec = _recommend(Plan(2048, 2048, 1), noise_scale=900.0, noise_status="lower_bound",
                      noise_unlimited_batch_size=2048)
