@@ -47,6 +47,7 @@ from batchscope.probes.input_pipeline import (
     check_input_pipeline,
     not_measured,
 )
+from batchscope.probes.throughput_recheck import remeasure_contradicted
 from batchscope.probes.throughput_result import (
     Curve,
     ThroughputPoint,
@@ -132,7 +133,7 @@ def measure_throughput(
         trainer = _Trainer(workload, device, guard)
         deadline = None if time_budget_s is None else started + time_budget_s
         try:  # free the model and optimizer also on failure or Ctrl-C
-            curve = _sweep(trainer, grid, fraction, early_stop, timing, deadline, clock)
+            curve = _sweep(trainer, grid, fraction, early_stop, timing, deadline, clock, notes)
             if data_path and workload.data_loader is not None:
                 sizes, pipeline_timing = _pipeline_plan(curve, timing, deadline, clock)
                 pipeline = check_input_pipeline(
@@ -149,8 +150,11 @@ def measure_throughput(
         for name, (settings, variant_workload) in variant_workloads.items():
             logger.info("throughput variant %s", name)
             variant_trainer = _Trainer(variant_workload, device, guard)
+            variant_notes: list[str] = []
             try:
-                variant_curve = _sweep(variant_trainer, grid, fraction, early_stop, timing)
+                variant_curve = _sweep(variant_trainer, grid, fraction, early_stop, timing,
+                                       clock=clock, notes=variant_notes)
+                notes.extend(f"variant {name}: {note}" for note in variant_notes)
             except ProbeFailedError as exc:  # the main curve stands; say why this one is missing
                 notes.append(f"variant {name} not measured: {exc}")
                 continue
@@ -258,7 +262,8 @@ class _Trainer:
 
 def _sweep(trainer: _Trainer, grid: Sequence[int], fraction: float, early_stop: bool,
            timing: dict[str, Any], deadline: float | None = None,
-           clock: Callable[[], float] = time.perf_counter) -> Curve:
+           clock: Callable[[], float] = time.perf_counter,
+           notes: list[str] | None = None) -> Curve:
     points: list[ThroughputPoint] = []
     stop_reason = None
     oom_batch_size = None
@@ -295,7 +300,29 @@ def _sweep(trainer: _Trainer, grid: Sequence[int], fraction: float, early_stop: 
                 f"flattened: each of the last {EARLY_STOP_PATIENCE} batch sizes gained less "
                 f"than {1 - fraction:.0%} samples/s over the best before it")
             break
+
+    def affordable(point: ThroughputPoint) -> bool:
+        cost = predicted_seconds(point.step_s, warmup_steps=timing["warmup_steps"],
+                                 timed_steps=timing["timed_steps"],
+                                 max_seconds=timing.get("max_seconds"))
+        return deadline is None or cost <= deadline - clock()
+
+    points, recheck_notes = remeasure_contradicted(
+        points, lambda point: _measure_again(trainer, point, timing), affordable)
+    if notes is not None:
+        notes.extend(recheck_notes)
     return Curve(tuple(points), fraction, stop_reason, oom_batch_size)
+
+
+def _measure_again(trainer: _Trainer, point: ThroughputPoint, timing: dict[str, Any]) -> ThroughputPoint:
+    """`point`'s batch measured once more; `point` itself if it no longer fits (memory that
+    something else held when the sweep passed may be gone, or the other way round)."""
+    outcome = run_catching_oom(lambda: _measure_point(trainer, point.batch_size, timing),
+                               trainer.device)
+    if outcome.oom:
+        trainer.drop_gradients()
+        return point
+    return outcome.value
 
 
 def _predicted_point_seconds(points: Sequence[ThroughputPoint], batch_size: int,
