@@ -200,6 +200,12 @@ def noise_scale_with_ci(
     h = trace_mean * g2_mean - t_sq * covariance
     c = trace_mean**2 - t_sq * var_trace
     if a <= 0:
+        # |G|^2 >= 0 by definition: a mean below 0 is a downward fluctuation, and must not
+        # strengthen the bound (as the mean nears -t se the bound would run to infinity, and
+        # a rule that looks after every sample would stop on that tail: in simulation 18% of
+        # runs at B = 20000 stopped on a bound above 4x the truth). It counts as 0.
+        if g2_mean < 0:
+            a, h = -t_sq * var_g2, -t_sq * covariance
         low = _one_sided_lower_bound(a, h, c) if trace_mean > 0 else None
         if low is not None:
             return estimate(b_simple, low, math.inf, "lower_bound",
@@ -235,13 +241,22 @@ def _one_sided_lower_bound(a: float, h: float, c: float) -> float | None:
     With c > 0 (tr(Sigma) resolved) B = 0 is outside the set, which for a < 0 is then
     (-inf, r1] + [r2, inf) with r1 < 0 < r2; B_simple >= 0, so [r2, inf) is what is left. The
     root is written as c / (h + sqrt(h^2 - a c)), which stays accurate as a -> 0 (where the
-    textbook form cancels) and is c / 2h at a = 0. Example: a constant tr(Sigma) = T gives
+    textbook form cancels) and is c / 2h at a = 0, for h > 0; for h <= 0 the textbook form
+    (h - sqrt(h^2 - a c)) / a is the accurate one. Example: a constant tr(Sigma) = T gives
     T / (mean |G|^2 + t * se(|G|^2)), i.e. T over the interval's upper end for |G|^2.
+
+    Its confidence holds over all samples, not given the status: where "lower_bound" is a rare
+    outcome (a noise scale within reach of the batches measured) the bounds that come out are
+    the lucky-high ones, and cover less often (in simulation at B = 2000 and 30 samples, 70%).
     """
     if not c > 0:
         return None
-    denominator = h + math.sqrt(max(h * h - a * c, 0.0))
-    return float(c / denominator) if denominator > 0 else None
+    root = math.sqrt(max(h * h - a * c, 0.0))
+    if h <= 0:
+        # Here h + root cancels instead (root ~ |h|); the textbook form is the accurate one,
+        # and at a = 0 there is no positive end.
+        return float((h - root) / a) if a < 0 else None
+    return float(c / (h + root))
 
 
 def student_t_quantile(probability: float, dof: int) -> float:

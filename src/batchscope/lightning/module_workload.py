@@ -334,7 +334,7 @@ def _same_mapping_type(batch: Mapping[Any, Any], values: dict[Any, Any]) -> Mapp
         return values
     try:
         return type(batch)(values)
-    except TypeError:
+    except (TypeError, ValueError):
         return values
 
 

@@ -190,6 +190,43 @@ def test_negative_g2_within_its_noise_still_bounds_the_noise_scale_from_below():
     assert 0 < estimate.ci_low < math.inf and estimate.ci_high == math.inf
 
 
+def test_a_negative_mean_g2_counts_as_zero_and_cannot_strengthen_the_bound():
+    # Constant tr(Sigma) = T, mean |G|^2 < 0: the bound is T / (0 + t se), not T / (mean + t se),
+    # which would grow without limit as the mean nears -t se.
+    g2 = np.array([-0.3, 0.2, -0.5, 0.1, -0.1, 0.2])
+    estimate = noise_scale_with_ci(g2, [100.0] * 6, confidence=0.9, blocks=6)
+    t = 2.015048  # Student t, 95th percentile, 5 degrees of freedom (table value)
+    standard_error = g2.std(ddof=1) / math.sqrt(6)
+    assert g2.mean() < 0 and estimate.status == "lower_bound"
+    assert estimate.ci_low == pytest.approx(100.0 / (t * standard_error), rel=1e-6)
+    shifted = noise_scale_with_ci(g2 - g2.mean(), [100.0] * 6, confidence=0.9, blocks=6)
+    assert shifted.ci_low == pytest.approx(estimate.ci_low)  # the same as a mean of exactly 0
+
+
+def test_the_lower_bound_is_accurate_when_h_is_negative():
+    # h < 0 makes c / (h + sqrt(h^2 - a c)) cancel; the bound must still be the positive root.
+    from batchscope.analysis.noise_stats import _one_sided_lower_bound
+
+    a, h, c = -1e-12, -1e6, 1e-6
+    expected = max(np.roots([a, -2 * h, c]).real)
+    assert _one_sided_lower_bound(a, h, c) == pytest.approx(expected, rel=1e-9)
+    assert _one_sided_lower_bound(0.0, -1.0, 1.0) is None  # a = 0, h <= 0: nothing above 0
+
+
+def test_looking_after_every_sample_rarely_stops_on_a_bound_far_above_the_truth():
+    # tune asks after every sample from 16 on whether the bound settles its decision; each look
+    # is a chance for the bound to overshoot. Over 40 runs of up to 100 samples at B = 20000,
+    # the share of runs in which ANY look gives a bound above 2x the truth stays small.
+    overshot = 0
+    for seed in range(40):
+        small, big = simulate_sq_norms(np.random.default_rng(seed), samples=100, true_b=20000.0)
+        g2, trace = unbiased_components(B_SMALL, small, B_BIG, big)
+        overshot += any(
+            estimate.status == "lower_bound" and estimate.ci_low > 2 * 20000.0
+            for estimate in (noise_scale_with_ci(g2[:n], trace[:n]) for n in range(16, 101)))
+    assert overshot <= 2
+
+
 def test_a_resolved_negative_g2_contradicts_the_model_and_gets_no_interval():
     estimate = noise_scale_with_ci([-1.0, -1.1, -0.9, -1.0], [10.0, 12.0, 11.0, 9.0])
     assert estimate.status == "negative_g2" and estimate.ci_low is None and estimate.b_simple is None
