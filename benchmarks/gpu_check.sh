@@ -2,10 +2,11 @@
 # The GPU checks in one command, for a short device session (see benchmarks/README.md).
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]    STEP: memory throughput noise tune sweep seed
-#                                              adaptive (default: the first five, in that order;
-#                                              seed = tune + the 30-epoch sweep + tune vs reference
-#                                              in one process, benchmarks/seed_experiment.py;
-#                                              adaptive = benchmarks/adaptive_vs_fixed.py)
+#                                              adaptive overhead (default: the first five, in that
+#                                              order; seed = tune + the 30-epoch sweep + tune vs
+#                                              reference in one process, seed_experiment.py;
+#                                              adaptive = adaptive_vs_fixed.py; overhead =
+#                                              adaptive_overhead.py)
 #
 # Runs the steps one after another, each under `timeout`, and puts everything in $OUT
 # (./gpu-out when OUT is unset): gpu_check.log (all output), <step>.json for each step that
@@ -23,15 +24,16 @@
 #   SEED_S=540 SEED_EPOCHS=30 SEED_BUDGET=20 SEED_BATCHES=128,512,1024,2048 SEED_BF16=1
 #   ADAPTIVE_S=300 ADAPTIVE_EPOCHS=30 ADAPTIVE_BUDGET=30 ADAPTIVE_BF16=1 ADAPTIVE_REFERENCE=
 #                   adaptive_vs_fixed.py's epochs, budget, --bf16, --reference-metric
+#   OVERHEAD_S=180 OVERHEAD_STEPS=400 OVERHEAD_ROUNDS=5   adaptive_overhead.py (bf16 always)
 #   PYTHON=python3  SMOKE=1 (every step in its --cpu-smoke form: checks the plumbing on a CPU)
 # The sweep and seed steps need optuna: carried wheels in .whl/ (benchmarks/fetch_device_wheels.sh) are
 # installed into /tmp/site when optuna is not importable; without them the step is skipped.
 set -uo pipefail
 
-ALL_STEPS=(memory throughput noise tune sweep seed adaptive)
+ALL_STEPS=(memory throughput noise tune sweep seed adaptive overhead)
 DEFAULT_STEPS=(memory throughput noise tune sweep)
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 STEPS=("$@")
@@ -155,6 +157,13 @@ step_adaptive() {
     run_step adaptive "${ADAPTIVE_S:-300}" "$PYTHON" benchmarks/adaptive_vs_fixed.py \
         --out "$OUT/adaptive_vs_fixed.json" --tune-out "$WORK/adaptive-tune" \
         --adaptive-out "$WORK/adaptive-run" "${extra[@]}"
+}
+
+step_overhead() {
+    local extra=(--bf16 --steps "${OVERHEAD_STEPS:-400}" --rounds "${OVERHEAD_ROUNDS:-5}")
+    [[ $SMOKE == 1 ]] && extra=(--cpu-smoke)
+    run_step overhead "${OVERHEAD_S:-180}" "$PYTHON" benchmarks/adaptive_overhead.py \
+        --out "$OUT/adaptive_overhead.json" "${extra[@]}"
 }
 
 # needs_optuna STEP: true when optuna imports (carried wheels installed if needed); otherwise

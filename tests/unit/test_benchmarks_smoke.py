@@ -167,6 +167,7 @@ def test_gpu_check_rejects_an_unknown_step_before_running_anything(tmp_path: Pat
                             env={"OUT": str(out), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: unknown step 'bogus'; choose from: memory throughput noise tune sweep seed adaptive")
+        "error: unknown step 'bogus'; choose from: memory throughput noise tune sweep seed adaptive "
+        "overhead")
     assert not out.exists()  # nothing ran, nothing written
 
