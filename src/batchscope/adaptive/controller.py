@@ -421,13 +421,26 @@ class AdaptiveBatchSize:
     def _decide(self) -> BatchDecision:
         """The policy's decision in global numbers; per device under DDP (class docstring)."""
         world = self.world_size
-        noise = self.monitor.b_simple
+        noise = self._planning_noise_scale()
         local = self.policy.decide(self.batch_size // world, None if noise is None else noise / world)
         if world == 1:
             return local
         return dataclasses.replace(
             local, previous=local.previous * world, batch_size=local.batch_size * world,
             noise_scale=noise, optimum=None if local.optimum is None else local.optimum * world)
+
+    def _planning_noise_scale(self) -> float | None:
+        """The smoothed noise scale; while its smoothed |G|^2 is not positive (the gradient lost
+        in its noise, as late in training when the noise scale is largest), the lower end of
+        the recent samples' interval when they bound it from below: a noise scale too large to
+        measure is a reason to grow the batch, not to wait."""
+        noise = self.monitor.b_simple
+        if noise is not None:
+            return noise
+        estimate = self.monitor.estimate()
+        if estimate is not None and estimate.status == "lower_bound":
+            return float(estimate.ci_low)
+        return None
 
     def _micro_batch_count(self, size: int, global_size: int) -> int:
         """The fewest micro-batches that fit. A measured step on one process needs at least two

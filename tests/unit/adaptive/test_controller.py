@@ -20,7 +20,8 @@ from batchscope.errors import UsageError
 from batchscope.probes.noise_online import NoiseSample
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "probes"))
-from test_noise_problems import N_EXAMPLES, linear_data, linear_model  # noqa: E402
+from test_noise_problems import (  # noqa: E402
+    N_EXAMPLES, linear_data, linear_model, linear_workload_at_the_optimum)
 
 CANDIDATES = [8, 16, 32, 64, 128]
 
@@ -450,3 +451,21 @@ def test_from_tune_spaces_measured_steps_by_what_their_split_costs_unless_told()
     told = AdaptiveBatchSize.from_tune(_tune_result(0, 0.0), linear_model(), optimizer, epochs=1,
                                        measure_every=3)
     assert told.monitor.every == 3
+
+
+def test_a_noise_scale_too_large_to_measure_grows_the_batch_from_its_lower_bound():
+    # At the least-squares optimum the true gradient is 0 (B_noise infinite): the smoothed
+    # |G|^2 is not positive, so there is no smoothed noise scale, but the recent samples bound
+    # it from below, and that bound is what the policy plans with (not "wait").
+    x, y = linear_data()
+    model = linear_workload_at_the_optimum().build_model("cpu")
+    adaptive, optimizer = make(model, batch_size=8, measure_every=1, decide_every=12, min_samples=12)
+    draws = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        index = torch.randint(len(x), (8,), generator=draws)
+        decision = run_step(adaptive, model, (x[index], y[index]))
+        optimizer.zero_grad()  # no optimizer step: the parameters stay at the optimum
+    estimate = adaptive.monitor.estimate()
+    assert adaptive.monitor.b_simple is None and estimate.status == "lower_bound"
+    assert decision.noise_scale == pytest.approx(estimate.ci_low)
+    assert decision.changed and decision.batch_size == 16  # the policy's doubling brake

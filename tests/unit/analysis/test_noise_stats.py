@@ -227,8 +227,18 @@ def test_looking_after_every_sample_rarely_stops_on_a_bound_far_above_the_truth(
     assert overshot <= 2
 
 
-def test_a_resolved_negative_g2_contradicts_the_model_and_gets_no_interval():
-    estimate = noise_scale_with_ci([-1.0, -1.1, -0.9, -1.0], [10.0, 12.0, 11.0, 9.0])
+def test_a_clearly_negative_mean_g2_still_counts_as_zero():
+    # Far below 0 for its spread (skewed samples do that with few of them): the bound is the
+    # one of a mean of exactly 0, T / (t se), not "no answer".
+    g2 = np.array([-1.0, -1.1, -0.9, -1.0])
+    estimate = noise_scale_with_ci(g2, [10.0] * 4, confidence=0.9, blocks=4)
+    t = student_t_quantile(0.95, 3)
+    assert estimate.status == "lower_bound" and estimate.b_simple is None
+    assert estimate.ci_low == pytest.approx(10.0 / (t * g2.std(ddof=1) / 2), rel=1e-6)
+
+
+def test_a_negative_mean_g2_without_a_resolved_trace_is_negative_g2():
+    estimate = noise_scale_with_ci([-1.0, -1.1, -0.9, -1.0], [10.0, -12.0, 15.0, -9.0])
     assert estimate.status == "negative_g2" and estimate.ci_low is None and estimate.b_simple is None
 
 
