@@ -33,13 +33,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from batchscope import scaling
+from batchscope.adaptive.batch_split import batch_length, slice_batch
 from batchscope.adaptive.sampler import AdaptiveBatchSampler
 from batchscope.adaptive.schedule import ExampleSchedule
 from batchscope.analysis.adaptive_policy import BatchDecision, BatchSizePolicy
@@ -248,7 +249,7 @@ class AdaptiveBatchSize:
         if self._step_global is not None:
             raise UsageError("micro_batches() was called twice without step() in between: one "
                              "batch per optimizer step, then adaptive.step()")
-        size = _batch_length(batch)
+        size = batch_length(batch)
         global_size = self._step_global = self._global_size(size)
         lr = self.learning_rate(global_size)
         for param_group, ratio in zip(self.optimizer.param_groups, self._group_ratios):
@@ -261,7 +262,7 @@ class AdaptiveBatchSize:
         # local micro-batch gradients from hooks either way).
         no_sync = getattr(self.model, "no_sync", None) if self.world_size > 1 else None
         for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
-            part = (_slice(batch, start, end), (end - start) / size)
+            part = (slice_batch(batch, start, end), (end - start) / size)
             if no_sync is not None and index < count - 1:
                 with no_sync():
                     yield part
@@ -484,28 +485,3 @@ def _data_parallel(group: Any) -> tuple[int, int]:
                              "torch.distributed.init_process_group(...) first")
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _batch_length(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() == 0:
-            raise UsageError("the batch is a 0-d tensor; pass tensors whose first dimension is the batch")
-        return int(batch.shape[0])
-    if isinstance(batch, Mapping) and batch:
-        return _batch_length(next(iter(batch.values())))
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and batch:
-        return _batch_length(batch[0])
-    raise UsageError(f"cannot split a batch of type {type(batch).__name__}; pass a tensor or a "
-                     "tuple/list/dict of tensors")
-
-
-def _slice(batch: Any, start: int, end: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:end]
-    if isinstance(batch, Mapping):
-        return {key: _slice(value, start, end) for key, value in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(_slice(value, start, end) for value in batch)
-    if isinstance(batch, list):
-        return [_slice(value, start, end) for value in batch]
-    return batch  # non-tensor extras (a string tag, say) go to every micro-batch
