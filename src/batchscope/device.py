@@ -7,23 +7,15 @@ On CPU there is no allocator with statistics, so peak memory is the process's re
 high-water mark (Linux `VmHWM`), which the kernel lets us reset through `/proc/self/clear_refs`.
 That is real memory, measured by the OS, which makes a CPU memory budget meaningful and testable.
 
-Side effect of CPU memory probing: opening a CPU peak window (`reset_peak_memory`, which only
-the memory probe does) fixes glibc's mmap threshold at 256 KiB for the probe's duration,
-through `mallopt`. glibc otherwise raises that threshold each time a large mmapped block is
-freed; freed tensors then stay in the heap, and the next probe's resident-set peak would include
-memory the previous probe had already given back. A fixed threshold keeps every large buffer in
-its own mapping, returned to the OS on free. There is no way to read the old setting back or
-to turn the dynamic threshold on again, and leaving 256 KiB in place cost later training steps
-of a small CNN 10-17% on the 2-core CI box (every activation mmapped and faulted in afresh).
-So when the probe is done, `end_peak_windows` sets the threshold where glibc's own dynamic rule
-tops out (32 MiB on 64-bit, trim threshold twice that), which measured as fast as a process
-that never probed. `release_memory` changes no setting.
+The resident set only measures a step if glibc's allocator hands freed buffers back and has
+no holes to reuse: `reset_peak_memory` on CPU opens a window that sees to both, and
+`end_peak_windows` puts the allocator back to full speed (see `batchscope.cpu_heap`, which also
+says what each setting cost and measured). Only the memory probe opens CPU windows;
+`release_memory` changes no setting.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import os
 import platform
@@ -31,6 +23,7 @@ from functools import lru_cache
 
 import torch
 
+from batchscope import cpu_heap
 from batchscope.errors import UsageError
 
 _PROC_STATUS = "/proc/self/status"
@@ -130,34 +123,32 @@ def release_memory(device: torch.device) -> None:
     elif device.type == "xpu":
         torch.xpu.empty_cache()
     else:
-        _malloc_trim()
+        cpu_heap.trim()
 
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window.
 
-    On CPU (glibc) this fixes the mmap threshold at 256 KiB until `end_peak_windows` (see the
-    module docstring): without it, memory freed by one probe stays in the heap and counts in
-    the next probe's peak. Only the memory probe opens CPU windows.
+    On CPU (glibc) this also sets the allocator up until `end_peak_windows`, so that freed
+    buffers leave the resident set and no heap hole serves a large one (`batchscope.cpu_heap`):
+    otherwise memory the step already gave back counts in its peak. Only the memory probe
+    opens CPU windows.
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif device.type == "xpu":
         torch.xpu.reset_peak_memory_stats(device)
     elif device.type == "cpu":
-        _fix_mmap_threshold()
-        _malloc_trim()
+        cpu_heap.open_window()
         _reset_rss_peak()
 
 
 def end_peak_windows(device: torch.device) -> None:
-    """After the last peak window: on CPU (glibc), put malloc's thresholds where its dynamic rule
-    would settle in a long-running process (see the module docstring); elsewhere nothing."""
+    """After the last peak window: on CPU (glibc), free what held the heap's holes and put
+    malloc's thresholds where its dynamic rule would settle in a long-running process;
+    elsewhere nothing."""
     if device.type == "cpu":
-        libc = _libc()
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER_BYTES)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_AFTER_BYTES)
+        cpu_heap.close_windows()
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -248,38 +239,3 @@ def _reset_rss_peak() -> None:
     # Writing "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
     with open(_PROC_CLEAR_REFS, "w") as clear_refs:
         clear_refs.write("5")
-
-
-@lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
-        return None
-    if not hasattr(libc, "malloc_trim"):  # not glibc (musl, macOS): nothing to tune or trim
-        return None
-    return libc
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
-_M_TRIM_THRESHOLD = -1
-_MMAP_THRESHOLD_BYTES = 256 * 1024
-# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where its dynamic threshold stops rising.
-_MMAP_THRESHOLD_AFTER_BYTES = 32 * 1024 * 1024
-
-
-def _fix_mmap_threshold() -> None:
-    # Setting it also turns off glibc's dynamic threshold; idempotent, so repeating it per
-    # window costs one call and keeps the setting even if something else changed it meanwhile.
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-
-
-def _malloc_trim() -> None:
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)

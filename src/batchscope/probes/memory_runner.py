@@ -10,9 +10,10 @@ behind that could make a later, smaller probe fail.
 
 How memory is read is pluggable (`MemoryMeter`), so tests can drive the real probe with a fake
 allocator of known behaviour. The default reads the device (`batchscope.device`): on an
-accelerator the framework's peak allocation, on CPU the process's resident-set high-water mark
-minus the resident set before the model was built (so the peak counts model, gradients,
-optimizer state and activations, but not the interpreter, the libraries or the loaded dataset).
+accelerator the framework's peak allocation, on CPU the resident memory the model holds plus
+the growth of the process's resident set within the probe (so the peak counts model, gradients,
+optimizer state and activations, but not the interpreter, the libraries, the loaded dataset or
+what earlier probes left resident).
 """
 
 from __future__ import annotations
@@ -56,10 +57,18 @@ class MemoryMeter(Protocol):
 class DeviceMemoryMeter:
     """The device's own peak-memory counter.
 
-    With `relative=True` (CPU) the peak is measured from the process's memory at construction:
-    create the meter just before the model is built. Construction then also opens a first
-    peak window, so that glibc's mmap threshold is fixed (see `device.reset_peak_memory`)
-    before the model and the warm-up step allocate, not only from the first probe on.
+    With `relative=True` (CPU) a probe's peak is what the model holds plus what the probe's
+    window adds to the resident set. Create the meter just before the model is built and
+    `settle` it once the model is built and warmed up: the resident growth in between, less
+    what `settle` excludes, is the model's. Construction also opens a first peak window, so
+    that glibc is set up (see `batchscope.cpu_heap`) before the model and the warm-up step
+    allocate, not only from the first probe on.
+
+    Why from each window's start and not from the baseline: a probe leaves things resident that
+    a training run at another batch size would not have. The first step at a new shape pages in
+    library code and fills kernel caches; measured on the CI box, the tiny test conv net's first
+    step at batch 100 left 10.8 MiB resident (7.8 MiB of it library pages), which every later
+    probe counted again: batch 100 read 33.6 MiB from the baseline against 22 MiB live.
     """
 
     def __init__(self, device: torch.device, *, relative: bool) -> None:
@@ -67,20 +76,29 @@ class DeviceMemoryMeter:
         if relative:
             devices.reset_peak_memory(device)
         self.baseline_bytes = devices.current_memory_bytes(device) if relative else 0
+        self.held_bytes: int | None = None  # set by settle
+        self._window_start_bytes = self.baseline_bytes
 
-    def exclude_growth_since(self, reading_bytes: int) -> None:
-        """Memory allocated since `reading_bytes` (a `current_memory_bytes` reading) is not
-        the workload's (e.g. batchscope's own snapshot of the model): move the baseline up.
-        Only a relative meter has a baseline to move."""
+    def settle(self, excluding_growth_since: int) -> None:
+        """The model is built and warmed up: what it holds now is counted in every probe.
+        Memory allocated since `excluding_growth_since` (a `current_memory_bytes` reading) is
+        not the workload's (batchscope's own snapshot of the model, what a first step leaves
+        behind for good) and is left out. Only a relative meter settles."""
         if self.relative:
-            grown = devices.current_memory_bytes(self.device) - reading_bytes
-            self.baseline_bytes += max(0, grown)
+            now = devices.current_memory_bytes(self.device)
+            self.baseline_bytes += max(0, now - excluding_growth_since)
+            self.held_bytes = max(0, now - self.baseline_bytes)
 
     def reset(self) -> None:
         devices.reset_peak_memory(self.device)
+        if self.relative:
+            self._window_start_bytes = devices.current_memory_bytes(self.device)
 
     def peak_bytes(self) -> int:
-        return max(0, devices.peak_memory_bytes(self.device) - self.baseline_bytes)
+        peak = devices.peak_memory_bytes(self.device)
+        if self.held_bytes is None:  # not settled (or not relative): from the baseline
+            return max(0, peak - self.baseline_bytes)
+        return self.held_bytes + max(0, peak - self._window_start_bytes)
 
 
 @dataclass(frozen=True)
@@ -154,7 +172,7 @@ class InProcessRunner:
         self.model.train()
         self._warm_up(warm_batch_size)
         if default_meter is not None:
-            default_meter.exclude_growth_since(before)
+            default_meter.settle(excluding_growth_since=before)
 
     def _build_model(self) -> nn.Module:
         # Not step.build_model: the factory may hand back the user's own model

@@ -1,0 +1,145 @@
+"""cpu_heap.py: a CPU peak window leaves no heap hole for a large buffer to land in."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from batchscope import cpu_heap
+from batchscope import device as devices
+
+KiB, MiB = 2**10, 2**20
+
+
+@dataclass
+class FreeTotal:
+    fordblks: int
+
+
+class HeapWithHoles:
+    """glibc's behaviour that matters here, with known holes: a request is served best-fit from
+    a hole at least its size (the rest stays a hole), else mmapped; mallinfo2 reports only the
+    total of the holes."""
+
+    def __init__(self, holes: list[int]) -> None:
+        self.holes = list(holes)
+        self.blocks: dict[int, int] = {}  # address -> size taken from a hole
+        self.mmapped: set[int] = set()
+        self._next = 1
+
+    def mallinfo2(self) -> FreeTotal:
+        return FreeTotal(sum(self.holes))
+
+    def malloc(self, size: int) -> int:
+        address, self._next = self._next, self._next + 1
+        fitting = [hole for hole in self.holes if hole >= size]
+        if not fitting:
+            self.mmapped.add(address)
+            return address
+        best = min(fitting)
+        self.holes.remove(best)
+        if best > size:
+            self.holes.append(best - size)
+        self.blocks[address] = size
+        return address
+
+    def free(self, address: int) -> None:
+        if address in self.mmapped:
+            self.mmapped.remove(address)
+        else:
+            self.holes.append(self.blocks.pop(address))
+
+
+@pytest.fixture
+def no_open_windows():
+    cpu_heap.close_windows()
+    yield
+    cpu_heap._occupying.clear()  # the fake's addresses: nothing to free
+
+
+def test_every_hole_a_large_buffer_fits_is_occupied_and_nothing_else(no_open_windows):
+    heap = HeapWithHoles([12 * MiB + 5 * KiB, 7 * MiB, 600 * KiB, 300 * KiB, 200 * KiB, 40 * KiB])
+    cpu_heap._occupy_free_chunks(heap)  # type: ignore[arg-type]
+    # What is left cannot serve a request of the threshold (256 KiB) or more...
+    assert max(heap.holes) < cpu_heap.WINDOW_MMAP_THRESHOLD_BYTES
+    # ...and the small holes the heap would use for small requests anyway are untouched.
+    assert 200 * KiB in heap.holes and 40 * KiB in heap.holes
+    # Every size tried that did not fit a hole was mmapped and handed back at once.
+    assert heap.mmapped == set()
+    assert sum(heap.blocks.values()) >= 12 * MiB + 7 * MiB + 600 * KiB + 300 * KiB - 3 * 256 * KiB
+
+
+def test_a_heap_without_holes_is_left_alone(no_open_windows):
+    heap = HeapWithHoles([100 * KiB])
+    cpu_heap._occupy_free_chunks(heap)  # type: ignore[arg-type]
+    assert heap.blocks == {} and heap.holes == [100 * KiB] and cpu_heap.occupied_blocks() == 0
+
+
+# In a fresh process, so that the heap holds exactly the one hole made here.
+_HOLE_SCENARIO = r"""
+import torch
+from batchscope import cpu_heap, device as devices
+
+MiB = 2**20
+cpu = torch.device("cpu")
+libc = cpu_heap._libc()
+# A phase before the probe (data loading, training) with glibc's threshold risen: 16 MiB and
+# then 8 MiB from the top of the heap, the first one freed: a 16 MiB hole below the second.
+libc.mallopt(cpu_heap.M_MMAP_THRESHOLD, 64 * MiB)
+earlier = libc.malloc(16 * MiB)
+kept_above_it = libc.malloc(8 * MiB)
+libc.free(earlier)
+hole_mib = libc.mallinfo2().fordblks / MiB
+
+
+def step_peak_mib():
+    # A 10 MiB activation, freed, then a 20 MiB one: never more than 20 MiB live at once.
+    base = devices.current_memory_bytes(cpu)
+    first = torch.ones(10 * MiB // 4)
+    del first
+    second = torch.ones(20 * MiB // 4)
+    del second
+    return (devices.peak_memory_bytes(cpu) - base) / MiB
+
+
+# Without occupying the hole: the threshold fixed and the heap trimmed, as before.
+libc.mallopt(cpu_heap.M_MMAP_THRESHOLD, cpu_heap.WINDOW_MMAP_THRESHOLD_BYTES)
+libc.malloc_trim(0)
+devices._reset_rss_peak()
+unoccupied = step_peak_mib()
+
+devices.reset_peak_memory(cpu)
+blocks = cpu_heap.occupied_blocks()
+occupied = step_peak_mib()
+devices.end_peak_windows(cpu)
+print(f"{hole_mib:.2f} {unoccupied:.2f} {occupied:.2f} {blocks} {cpu_heap.occupied_blocks()} "
+      f"{libc.mallinfo2().fordblks / MiB:.2f}")
+"""
+
+
+def _has_mallinfo2() -> bool:
+    name = ctypes.util.find_library("c")
+    return name is not None and hasattr(ctypes.CDLL(name), "mallinfo2")
+
+
+@pytest.mark.skipif(not devices.supports_peak_reset(torch.device("cpu")) or not _has_mallinfo2(),
+                    reason="needs Linux clear_refs and glibc >= 2.33")
+def test_a_window_measures_the_live_peak_in_a_heap_with_a_hole():
+    done = subprocess.run([sys.executable, "-c", _HOLE_SCENARIO], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    hole, unoccupied, occupied, blocks, blocks_after, free_after = done.stdout.split()
+    assert float(hole) >= 16, done.stdout  # the scenario made its hole
+    # The 10 MiB activation landed in the hole and stayed resident after its free: 30 MiB.
+    assert float(unoccupied) >= 29.5, done.stdout
+    # Occupied, both are mmapped and the first is unmapped on free: the live peak, 20 MiB.
+    assert 19.5 <= float(occupied) <= 21.0, done.stdout
+    # The window held the holes with a few blocks and gave them all back when it ended.
+    assert 1 <= int(blocks) <= 64 and int(blocks_after) == 0, done.stdout
+    assert float(free_after) >= 16, done.stdout
