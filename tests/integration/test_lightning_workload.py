@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections import OrderedDict, UserDict
+from collections import OrderedDict, UserDict, defaultdict
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -452,12 +453,38 @@ def test_the_memory_probes_tiled_batch_keeps_the_batchs_own_mapping_type():
 class _NeedsATokenizer(dict):
     def __init__(self, tokenizer, data) -> None:
         super().__init__(data)
+        self.tokenizer = tokenizer
+
+
+class _ReadOnly(Mapping):
+    """A Mapping that can be neither built from a dict alone nor assigned to."""
+
+    def __init__(self, tokenizer, data) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 def test_a_mapping_batch_is_rebuilt_as_its_own_type_or_else_a_dict():
     ordered = _repeat_to(OrderedDict(b=torch.arange(2), a=torch.arange(2)), 3)
     assert type(ordered) is OrderedDict and list(ordered) == ["b", "a"]
     assert torch.equal(ordered["a"], torch.tensor([0, 1, 0]))
-    # A type that cannot be built from a dict alone: the values, as a plain dict.
-    plain = _repeat_to(_NeedsATokenizer(None, {"x": torch.arange(2)}), 3)
+    # Types whose constructor takes more than a dict: a copy of the batch with the values put in,
+    # its own attributes (a defaultdict's factory, a tokenizer) kept and the original untouched.
+    counts = defaultdict(list, x=torch.arange(2))
+    tiled = _repeat_to(counts, 3)
+    assert type(tiled) is defaultdict and tiled.default_factory is list and tiled["y"] == []
+    assert torch.equal(tiled["x"], torch.tensor([0, 1, 0])) and list(counts) == ["x"]
+    tokenized = _repeat_to(_NeedsATokenizer("tok", {"x": torch.arange(2)}), 3)
+    assert type(tokenized) is _NeedsATokenizer and tokenized.tokenizer == "tok"
+    assert torch.equal(tokenized["x"], torch.tensor([0, 1, 0]))
+    # Neither buildable nor assignable: the values, as a plain dict.
+    plain = _repeat_to(_ReadOnly(None, {"x": torch.arange(2)}), 3)
     assert type(plain) is dict and torch.equal(plain["x"], torch.tensor([0, 1, 0]))

@@ -328,13 +328,21 @@ def _repeat_to(batch: Any, size: int) -> Any:
 
 def _same_mapping_type(batch: Mapping[Any, Any], values: dict[Any, Any]) -> Mapping[Any, Any]:
     """`values` as a `type(batch)`, as the collate function made it: training_step may read a
-    batch by attribute (HuggingFace's BatchEncoding) or check its type. A plain dict only when
-    that type cannot be built from a dict (its constructor takes other arguments)."""
+    batch by attribute (HuggingFace's BatchEncoding) or check its type. A type whose constructor
+    takes other arguments (defaultdict: its factory first) is rebuilt from a shallow copy of the
+    batch with the values put in; a plain dict only when neither works (a read-only Mapping)."""
     if type(batch) is dict:
         return values
     try:
         return type(batch)(values)
     except (TypeError, ValueError):
+        pass
+    try:
+        rebuilt = copy.copy(batch)
+        for key, value in values.items():
+            rebuilt[key] = value  # type: ignore[index]
+        return rebuilt
+    except (TypeError, ValueError, AttributeError):
         return values
 
 
