@@ -22,9 +22,12 @@ ever held at once, and a probe window (`open_window` ... `close_windows`) undoes
    test process that had loaded CIFAR-10: a tiny conv net's step at batch 100 read 28 to 49 MiB
    over 15 identical probes (in quanta of one 6.4 MiB activation); with the holes occupied it
    read 20.8 MiB every time. A window therefore allocates, without touching, every free chunk
-   of at least the threshold, so large buffers can only be mmapped. The occupying blocks cost
-   address space, not memory (malloc writes one header page per block); `close_windows` frees
-   them.
+   of at least the threshold in the calling thread's arena (where the probe's tensors are
+   allocated), so large buffers can only be mmapped. The occupying blocks cost address space,
+   not memory (malloc writes one header page per block); `close_windows` frees them.
+
+The resident set, the settings and the occupying blocks belong to the whole process, so only one
+thread at a time may measure: `claim_windows` says whether this one may.
 
 Elsewhere than glibc (musl, macOS) there is nothing to set, and every function here does
 nothing.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h>
@@ -44,9 +48,13 @@ WINDOW_MMAP_THRESHOLD_BYTES = 256 * 1024
 AFTER_WINDOWS_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 MAX_OCCUPYING_BLOCKS = 10_000
 """A bound on the loop, not a limit met in practice (a few dozen blocks in a test process)."""
+_IS_MMAPPED = 0x2
+"""The bit glibc sets in a chunk's size field (the word before the pointer malloc returns) when
+the chunk has a mapping of its own: stable in malloc.c's chunk layout since glibc 2.0."""
 
 _occupying: list[int] = []
 _occupying_lock = threading.Lock()
+_windows_claim = threading.Lock()
 
 
 class _MallInfo2(ctypes.Structure):
@@ -108,24 +116,47 @@ def close_windows() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 2 * AFTER_WINDOWS_MMAP_THRESHOLD_BYTES)
 
 
+def claim_windows() -> bool:
+    """Whether this caller may open CPU peak windows now: True at most once until
+    `release_windows`, for the one measurement allowed in the process at a time."""
+    return _windows_claim.acquire(blocking=False)
+
+
+def release_windows() -> None:
+    """Close the windows (see `close_windows`) and let another measurement claim them."""
+    try:
+        close_windows()
+    finally:
+        if _windows_claim.locked():
+            _windows_claim.release()
+
+
 def occupied_blocks() -> int:
     """How many blocks hold heap holes now (0 outside windows)."""
     return len(_occupying)
 
 
-def _occupy_free_chunks(libc: ctypes.CDLL) -> None:
+def _occupy_free_chunks(libc: ctypes.CDLL,
+                        is_mmapped: Callable[[int], bool] | None = None) -> None:
     # mallinfo2 does not list the holes, only their total (`fordblks`), so the sizes are found
-    # by asking: a request that lowers the free total came from a hole (kept, and the same size
-    # asked again); one that does not was mmapped (freed at once, and half the size asked next).
-    # Requests below the threshold are left alone: the heap serves those in any case.
+    # by asking, from the total down: a block that came from a hole is kept and the same size
+    # asked again; an mmapped one (no hole that large) is freed at once and half the size asked
+    # next. Requests below the threshold are left alone: the heap serves those in any case.
+    # mallinfo2 walks every free chunk (8 ms with half a million of them), so it is read once;
+    # where a block came from is in its own header.
+    is_mmapped = is_mmapped or _is_mmapped
     size = 1 << max(0, int(libc.mallinfo2().fordblks)).bit_length()
     with _occupying_lock:
         while size >= WINDOW_MMAP_THRESHOLD_BYTES and len(_occupying) < MAX_OCCUPYING_BLOCKS:
-            free_before = libc.mallinfo2().fordblks
             block = libc.malloc(size)
-            if block and free_before - libc.mallinfo2().fordblks >= size // 2:
+            if block and not is_mmapped(block):
                 _occupying.append(block)
                 continue
             if block:
                 libc.free(block)
             size //= 2
+
+
+def _is_mmapped(block: int) -> bool:
+    return bool(ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value
+                & _IS_MMAPPED)

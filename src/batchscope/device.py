@@ -143,6 +143,19 @@ def reset_peak_memory(device: torch.device) -> None:
         _reset_rss_peak()
 
 
+def claim_peak_windows(device: torch.device) -> bool:
+    """Whether the caller may open peak windows on `device` now. On CPU the resident set and
+    the allocator's settings are the whole process's, so one measurement at a time holds the
+    claim until `release_peak_windows`; an accelerator's counters need no claim."""
+    return cpu_heap.claim_windows() if device.type == "cpu" else True
+
+
+def release_peak_windows(device: torch.device) -> None:
+    """End the windows (`end_peak_windows`) and give a CPU claim back."""
+    if device.type == "cpu":
+        cpu_heap.release_windows()
+
+
 def end_peak_windows(device: torch.device) -> None:
     """After the last peak window: on CPU (glibc), free what held the heap's holes and put
     malloc's thresholds where its dynamic rule would settle in a long-running process;
@@ -173,6 +186,15 @@ def current_memory_bytes(device: torch.device) -> int:
     if device.type == "mps":
         return int(torch.mps.current_allocated_memory())
     return _read_status_kib("VmRSS") * 1024
+
+
+def library_pages_bytes(device: torch.device) -> int:
+    """Of `current_memory_bytes` on CPU, the file-backed pages (shared libraries' code and data,
+    memory-mapped files): the OS can drop and re-read them, and any process running the same
+    code holds them whatever its batch. 0 on accelerators, whose counters hold tensors only."""
+    if device.type == "cpu":
+        return _read_status_kib("RssFile") * 1024
+    return 0
 
 
 def total_memory_bytes(device: torch.device) -> int:

@@ -111,6 +111,40 @@ def test_real_cpu_budget_with_a_user_model() -> None:
     assert all(len(optimizer.state[p]) == 1 for p in model.parameters())
 
 
+def wide_net() -> nn.Module:
+    # 16 MiB of weights and next to no activations: its memory is the model's.
+    return nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+
+def wide_batch(batch_size: int, device: torch.device, generator: torch.Generator) -> Any:
+    return (torch.randn(batch_size, 2048, generator=generator).to(device),
+            torch.randint(0, 10, (batch_size,), generator=generator).to(device))
+
+
+def test_a_users_model_counts_like_one_the_workload_builds() -> None:
+    model = wide_net()
+    user_workload = Workload.from_objects(
+        model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), loss, wide_batch,
+        reference_batch_size=16)
+    built_workload = tiny_conv_workload(build_model=lambda device: wide_net().to(device),
+                                        make_batch=wide_batch, reference_batch_size=16)
+    readings = [probe_memory(job, device="cpu", memory_budget="1GiB", start_batch_size=16,
+                             max_batch_size=16).probes[0].peak_bytes
+                for job in (user_workload, built_workload)]
+    # Weights, gradients and momentum: 3 x 16 MiB, whoever built the model. The user's model
+    # was resident before the probe began, and used to be left out (~32 MiB read).
+    assert all(p is not None and p >= 48 * MiB for p in readings), readings
+    assert abs(readings[0] - readings[1]) <= 4 * MiB, readings
+
+
+def test_a_workload_error_before_the_first_probe_leaves_no_window_open() -> None:
+    with pytest.raises(ValueError, match="shape mismatch"):
+        probe_memory(broken_workload(), device="cpu", memory_budget="1GiB")
+    # The window and its claim were given back: a second measurement may start.
+    assert probe_memory(tiny_conv_workload(), device="cpu", memory_budget="1GiB",
+                        start_batch_size=8, max_batch_size=8).max_batch_size == 8
+
+
 @pytest.mark.slow
 def test_isolated_probes_survive_the_oom_killer() -> None:
     # Two child processes (each pays torch's import): 33 fits; the safe jump is capped at the

@@ -49,6 +49,9 @@ class HeapWithHoles:
         self.blocks[address] = size
         return address
 
+    def is_mmapped(self, address: int) -> bool:
+        return address in self.mmapped
+
     def free(self, address: int) -> None:
         if address in self.mmapped:
             self.mmapped.remove(address)
@@ -65,7 +68,7 @@ def no_open_windows():
 
 def test_every_hole_a_large_buffer_fits_is_occupied_and_nothing_else(no_open_windows):
     heap = HeapWithHoles([12 * MiB + 5 * KiB, 7 * MiB, 600 * KiB, 300 * KiB, 200 * KiB, 40 * KiB])
-    cpu_heap._occupy_free_chunks(heap)  # type: ignore[arg-type]
+    cpu_heap._occupy_free_chunks(heap, heap.is_mmapped)  # type: ignore[arg-type]
     # What is left cannot serve a request of the threshold (256 KiB) or more...
     assert max(heap.holes) < cpu_heap.WINDOW_MMAP_THRESHOLD_BYTES
     # ...and the small holes the heap would use for small requests anyway are untouched.
@@ -77,7 +80,7 @@ def test_every_hole_a_large_buffer_fits_is_occupied_and_nothing_else(no_open_win
 
 def test_a_heap_without_holes_is_left_alone(no_open_windows):
     heap = HeapWithHoles([100 * KiB])
-    cpu_heap._occupy_free_chunks(heap)  # type: ignore[arg-type]
+    cpu_heap._occupy_free_chunks(heap, heap.is_mmapped)  # type: ignore[arg-type]
     assert heap.blocks == {} and heap.holes == [100 * KiB] and cpu_heap.occupied_blocks() == 0
 
 
@@ -143,3 +146,14 @@ def test_a_window_measures_the_live_peak_in_a_heap_with_a_hole():
     # The window held the holes with a few blocks and gave them all back when it ended.
     assert 1 <= int(blocks) <= 64 and int(blocks_after) == 0, done.stdout
     assert float(free_after) >= 16, done.stdout
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33")
+def test_a_blocks_header_says_whether_it_has_a_mapping_of_its_own():
+    libc = cpu_heap._libc()
+    small, large = libc.malloc(64), libc.malloc(64 * MiB)  # glibc's threshold is <= 32 MiB
+    try:
+        assert not cpu_heap._is_mmapped(small) and cpu_heap._is_mmapped(large)
+    finally:
+        libc.free(small)
+        libc.free(large)

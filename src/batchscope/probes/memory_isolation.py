@@ -156,7 +156,10 @@ def _child_probe(request: dict[str, Any]) -> MemoryProbe:
     # No guard: this process exists only for the probe, and a snapshot would cost memory.
     runner = InProcessRunner(workload, device, plan, guard=None,
                              warm_batch_size=int(request["warm_batch_size"]))
-    return runner.probe(int(request["batch_size"]))
+    try:
+        return runner.probe(int(request["batch_size"]))
+    finally:
+        runner.close()  # the process ends next, but main() also runs in tests' own processes
 
 
 def main(argv: list[str]) -> int:

@@ -10,16 +10,18 @@ behind that could make a later, smaller probe fail.
 
 How memory is read is pluggable (`MemoryMeter`), so tests can drive the real probe with a fake
 allocator of known behaviour. The default reads the device (`batchscope.device`): on an
-accelerator the framework's peak allocation, on CPU the resident memory the model holds plus
-the growth of the process's resident set within the probe (so the peak counts model, gradients,
-optimizer state and activations, but not the interpreter, the libraries, the loaded dataset or
-what earlier probes left resident).
+accelerator the framework's peak allocation, on CPU the growth of the process's resident set
+since just before the model was built (so the peak counts model, gradients, optimizer state,
+activations and what the job keeps between steps, but not the interpreter, the libraries' pages
+or the loaded dataset; `DeviceMemoryMeter` says exactly what).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -28,7 +30,7 @@ from torch import nn
 
 from batchscope import device as devices
 from batchscope import step
-from batchscope.errors import ProbeFailedError
+from batchscope.errors import ProbeFailedError, UsageError
 from batchscope.guard import StateGuard
 from batchscope.oom import Outcome, run_catching_oom
 from batchscope.units import format_bytes
@@ -57,48 +59,68 @@ class MemoryMeter(Protocol):
 class DeviceMemoryMeter:
     """The device's own peak-memory counter.
 
-    With `relative=True` (CPU) a probe's peak is what the model holds plus what the probe's
-    window adds to the resident set. Create the meter just before the model is built and
-    `settle` it once the model is built and warmed up: the resident growth in between, less
-    what `settle` excludes, is the model's. Construction also opens a first peak window, so
-    that glibc is set up (see `batchscope.cpu_heap`) before the model and the warm-up step
-    allocate, not only from the first probe on.
+    With `relative=True` (CPU) a probe's peak is the process's resident-set high-water mark over
+    its resident set just before the model was built (so the interpreter, the libraries and the
+    data loaded so far are not the job's), less what `settle` leaves out, less library pages
+    paged in since, plus the model's tensors when they were resident before (a model handed in
+    by `Workload.from_objects`). Library pages: the first step at a new shape maps kernels that
+    every process running the job holds whatever its batch (7.8 MiB for the tiny test conv net's
+    first step at batch 100, counted in every later probe before they were left out). All other
+    memory earlier probes left resident counts, as an accelerator's allocator counts what is
+    allocated whoever holds it: a model that keeps a workspace as large as the largest batch it
+    saw is charged for it.
 
-    Why from each window's start and not from the baseline: a probe leaves things resident that
-    a training run at another batch size would not have. The first step at a new shape pages in
-    library code and fills kernel caches; measured on the CI box, the tiny test conv net's first
-    step at batch 100 left 10.8 MiB resident (7.8 MiB of it library pages), which every later
-    probe counted again: batch 100 read 33.6 MiB from the baseline against 22 MiB live.
+    Construction claims the process's CPU peak windows (one measurement at a time: the resident
+    set and glibc's settings are process-wide, see `batchscope.cpu_heap`) and opens the first,
+    so that glibc is set up before the model and the warm-up step allocate. `close` gives the
+    claim back. Create the meter just before the model is built; `settle` it once the model is
+    built and warmed up.
     """
 
     def __init__(self, device: torch.device, *, relative: bool) -> None:
         self.device, self.relative = device, relative
+        self._release: weakref.finalize | None = None
         if relative:
+            if not devices.claim_peak_windows(device):
+                raise UsageError(
+                    "another CPU memory measurement is running in this process, and peak memory "
+                    "on CPU is the whole process's; probe one workload at a time, or pass "
+                    "isolate=True to measure each probe in a process of its own")
+            # Given back by close, or when the meter is collected (a runner never closed).
+            self._release = weakref.finalize(self, devices.release_peak_windows, device)
             devices.reset_peak_memory(device)
         self.baseline_bytes = devices.current_memory_bytes(device) if relative else 0
-        self.held_bytes: int | None = None  # set by settle
-        self._window_start_bytes = self.baseline_bytes
+        self._library_bytes = devices.library_pages_bytes(device) if relative else 0
+        self._uncounted_model_bytes = 0
 
-    def settle(self, excluding_growth_since: int) -> None:
-        """The model is built and warmed up: what it holds now is counted in every probe.
-        Memory allocated since `excluding_growth_since` (a `current_memory_bytes` reading) is
-        not the workload's (batchscope's own snapshot of the model, what a first step leaves
-        behind for good) and is left out. Only a relative meter settles."""
-        if self.relative:
-            now = devices.current_memory_bytes(self.device)
-            self.baseline_bytes += max(0, now - excluding_growth_since)
-            self.held_bytes = max(0, now - self.baseline_bytes)
+    def settle(self, excluding_growth_since: int, model_bytes: int = 0) -> None:
+        """The model is built and warmed up. Memory allocated since `excluding_growth_since` (a
+        `current_memory_bytes` reading) is not the workload's: batchscope's own snapshot of the
+        model, and what a first step leaves behind for good (thread pools, the dataset a
+        workload loads on first use: 60+ MiB on CPU, independent of the batch). `model_bytes`
+        (its parameters and buffers) counts in full even if the model was resident before the
+        meter was created. Only a relative meter settles."""
+        if not self.relative:
+            return
+        now = devices.current_memory_bytes(self.device)
+        self.baseline_bytes += max(0, now - excluding_growth_since)
+        self._library_bytes = devices.library_pages_bytes(self.device)
+        self._uncounted_model_bytes = max(0, model_bytes - (now - self.baseline_bytes))
 
     def reset(self) -> None:
         devices.reset_peak_memory(self.device)
-        if self.relative:
-            self._window_start_bytes = devices.current_memory_bytes(self.device)
 
     def peak_bytes(self) -> int:
-        peak = devices.peak_memory_bytes(self.device)
-        if self.held_bytes is None:  # not settled (or not relative): from the baseline
-            return max(0, peak - self.baseline_bytes)
-        return self.held_bytes + max(0, peak - self._window_start_bytes)
+        peak = devices.peak_memory_bytes(self.device) - self.baseline_bytes
+        if self.relative:
+            paged_in = max(0, devices.library_pages_bytes(self.device) - self._library_bytes)
+            peak += self._uncounted_model_bytes - paged_in
+        return max(0, peak)
+
+    def close(self) -> None:
+        """End the windows and give the claim back (idempotent)."""
+        if self._release is not None:
+            self._release()
 
 
 @dataclass(frozen=True)
@@ -155,24 +177,35 @@ class InProcessRunner:
         # against it would come out too small (even zero).
         devices.release_memory(device)
         # Only built when used: on CPU it opens a peak window, which changes malloc settings.
-        default_meter: DeviceMemoryMeter | None = None
+        self._own_meter: DeviceMemoryMeter | None = None
         if meter is None:
-            default_meter = DeviceMemoryMeter(device, relative=device.type == "cpu")
-            meter = default_meter
+            self._own_meter = DeviceMemoryMeter(device, relative=device.type == "cpu")
+            meter = self._own_meter
         self.meter: MemoryMeter = meter
+        try:
+            self._prepare(guard, warm_batch_size)
+        except BaseException:
+            # A bug in the workload or a model too large: the windows must not outlive us.
+            if self._own_meter is not None:
+                self._own_meter.close()
+            raise
+
+    def _prepare(self, guard: StateGuard | None, warm_batch_size: int) -> None:
         self.model = self._build_model()
         # Neither batchscope's snapshot of the model nor what a first step leaves behind for
         # good (thread pools, kernel caches, the dataset a workload loads on first use: 60+ MiB
         # of resident memory on CPU, independent of the batch) is the job's step memory.
-        before = devices.current_memory_bytes(device)
+        before = devices.current_memory_bytes(self.device)
         if guard is not None:
             guard.protect(self.model)
         if self.workload.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self._warm_up(warm_batch_size)
-        if default_meter is not None:
-            default_meter.settle(excluding_growth_since=before)
+        if self._own_meter is not None:
+            # After the warm-up: a lazy module's parameters exist only from its first forward.
+            self._own_meter.settle(excluding_growth_since=before,
+                                   model_bytes=tensor_bytes(self.model))
 
     def _build_model(self) -> nn.Module:
         # Not step.build_model: the factory may hand back the user's own model
@@ -237,7 +270,17 @@ class InProcessRunner:
     def close(self) -> None:
         del self.model
         devices.release_memory(self.device)
-        devices.end_peak_windows(self.device)  # the rest of the process allocates at full speed
+        if self._own_meter is not None:  # the rest of the process allocates at full speed
+            self._own_meter.close()
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """The bytes of the model's parameters and buffers, each storage once (tied weights)."""
+    storages: dict[int, int] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def judge(
