@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from batchscope.probes.throughput import measure_throughput
-from batchscope.probes.throughput_recheck import contradicted
+from batchscope.probes.throughput_recheck import contradicted, unsteady
 from batchscope.probes.throughput_result import ThroughputPoint
 
 sys.path.insert(0, str(Path(__file__).parent))  # the fakes live beside this file
@@ -66,3 +66,22 @@ def test_no_point_is_measured_again_past_the_time_budget():
     assert [p.batch_size for p in result.points] == [8, 16, 32]
     assert result.points[0].step_s == pytest.approx(A + 8 * B + 1.0)  # not measured again
     assert any("no time left to measure it again" in n for n in result.notes), result.notes
+
+
+def test_unsteady_points_are_those_whose_steps_disagree():
+    points = _points(1.0, 2.0, 4.0)
+    points[1] = ThroughputPoint(batch_size=16, step_s=2.0, spread=0.6, data_s=0.0, compute_s=2.0,
+                                units_per_step=16, unit="examples", timed_steps=3, warmup_steps=0)
+    assert unsteady(points) == [1] and unsteady(points, limit=0.7) == []
+
+
+def test_a_lone_unsteady_point_is_measured_again_and_the_faster_kept():
+    # One batch size only (a small memory budget): no larger batch can contradict it, but two
+    # of its four timed steps take 1 s more, so its median is 0.5 s too slow.
+    clock, workload = simulated(A, B, slow_calls=2, slow_extra=1.0)
+    result = measure_throughput(workload, device="cpu", batch_sizes=[32], warmup_steps=0,
+                                timed_steps=4, data_path=False, clock=clock)
+    assert result.points[0].step_s == pytest.approx(A + 32 * B)
+    assert any("batch 32's step times varied by" in note and "measured again, 13.2 ms; the "
+               "faster kept" in note for note in result.notes), result.notes
+    assert not any("still had unsteady" in note for note in result.notes), result.notes
