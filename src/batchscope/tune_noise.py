@@ -109,10 +109,12 @@ def plan_noise_probe(workload: Workload, step_seconds: Callable[[int], float], r
     over_s = needed_s - (remaining_s - reserved_s)
     shortfall = None
     if over_s > 1.0 or remaining_s <= NOISE_FIXED_S:
+        kept = (f", {reserved_s:.0f}s of it kept for the data-path check at the recommended "
+                f"batch" if reserved_s >= 0.5 else "")
         shortfall = (f"the memory and throughput probes left {max(0.0, remaining_s):.0f}s of the "
-                     f"budget; the noise probe takes {MIN_NOISE_SAMPLES} samples anyway (about "
-                     f"{needed_s:.0f}s, {max(0.0, over_s):.0f}s over the budget; its interval is "
-                     f"wide); raise --budget for a tighter one")
+                     f"budget{kept}; the noise probe takes {MIN_NOISE_SAMPLES} samples anyway "
+                     f"(about {needed_s:.0f}s, {max(0.0, over_s):.0f}s over the budget; its "
+                     f"interval is wide); raise --budget for a tighter one")
     return NoisePlan(train_steps, standard, MIN_NOISE_SAMPLES, shortfall)
 
 

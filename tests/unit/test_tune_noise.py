@@ -68,6 +68,16 @@ def test_a_minimum_that_overruns_the_budget_says_by_how_much():
     assert "about 107s, 80s over the budget" in plan.shortfall
 
 
+def test_the_time_kept_for_the_data_path_check_is_named_in_the_overrun():
+    # 4 s left, 3 s of them kept for the data-path check: the 1 s for the noise probe is what
+    # the overrun is counted against (a tune that ended inside its budget said "3s over").
+    plan = plan_noise_probe(_workload(), ten_ms, remaining_s=4.0, limit=4096, reserved_s=3.0)
+    assert plan.train_steps == 0 and plan.samples == tune_noise.MIN_NOISE_SAMPLES
+    assert ("left 4s of the budget, 3s of it kept for the data-path check at the recommended "
+            "batch; the noise probe takes 16 samples anyway (about 4s, 3s over the budget"
+            in plan.shortfall), plan.shortfall
+
+
 def test_a_spent_budget_still_buys_the_minimum_and_says_why():
     plan = plan_noise_probe(_workload(), ten_ms, remaining_s=2.0, limit=4096)
     assert (plan.train_steps, plan.samples) == (0, tune_noise.MIN_NOISE_SAMPLES)
