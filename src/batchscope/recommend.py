@@ -37,6 +37,8 @@ class Recommendation:
     base_learning_rate: float
     world_size: int = 1
     good_range: tuple[int, int] | None = None
+    # Set when the LR needs warmup but steps per epoch are unknown (warmup_steps is then 0).
+    warmup_epochs: float = 0.0
     rationale: list[str] = field(default_factory=list)
     caveats: list[str] = field(default_factory=list)
 
@@ -105,12 +107,23 @@ def recommend(
         steps_per_epoch=max(1, steps_per_epoch) if steps_per_epoch else None,
     )
     warmup = lr_plan.warmup_steps or 0
+    lr_caveats = list(lr_plan.warnings)
+    warmup_epochs = 0.0
+    if lr_plan.warmup_steps is None and lr_plan.factor > scaling.NO_WARMUP_MAX_FACTOR:
+        # tune knows why the steps are unknown: the workload gives no dataset size.
+        warmup_epochs = float(scaling.DEFAULT_WARMUP_EPOCHS)
+        generic = scaling.warmup_in_epochs_warning(lr_plan.factor, warmup_epochs)
+        lr_caveats = [warning for warning in lr_caveats if warning != generic]
+        lr_caveats.append(f"The LR grows {lr_plan.factor:.3g}x: warm it up gradually over "
+                          f"~{warmup_epochs:g} epochs. The workload gives no dataset size, so "
+                          f"that cannot be counted in steps here (set the Workload's "
+                          f"dataset_size to get warmup_steps).")
     per_device = int(plan.micro_batch_size)
     accumulation = int(plan.accumulation)
     speedup = _finite_or_none(getattr(plan, "speedup_vs_reference", None))
 
     rationale = _rationale(plan, evidence, rule, lr_plan, base_batch_size, base_learning_rate, target)
-    caveats = fallback + list(lr_plan.warnings)
+    caveats = fallback + lr_caveats
     caveats += _caveats(evidence, per_device, accumulation, world_size,
                         float(getattr(plan, "sync_seconds", 0.0) or 0.0), batch)
     return Recommendation(
@@ -125,6 +138,7 @@ def recommend(
         base_learning_rate=base_learning_rate,
         world_size=world_size,
         good_range=tuple(int(b) for b in plan.good_range) if plan.good_range else None,
+        warmup_epochs=warmup_epochs,
         rationale=rationale,
         caveats=_unique(caveats),
     )

@@ -93,9 +93,15 @@ def scale_learning_rate(
     warnings = lr_warnings(rule, factor, batch, base, noise_scale=noise, family=family,
                            noise_is_lower_bound=noise_is_lower_bound)
     if warmup is None and factor > NO_WARMUP_MAX_FACTOR:
-        warnings.append(f"the LR grows {factor:.3g}x: use gradual warmup over ~{warmup_epochs:g} epochs "
-                        "(pass steps_per_epoch to get it in steps)")
+        warnings.append(warmup_in_epochs_warning(factor, warmup_epochs))
     return LrPlan(base_lr * factor, rule, factor, base_lr, base, batch, warmup, tuple(warnings))
+
+
+def warmup_in_epochs_warning(factor: float, warmup_epochs: float) -> str:
+    """What `scale_learning_rate` says when the LR grows enough to need warmup but
+    steps_per_epoch is unknown (callers that know why it is unknown replace it)."""
+    return (f"the LR grows {factor:.3g}x: use gradual warmup over ~{warmup_epochs:g} epochs "
+            "(pass steps_per_epoch to get it in steps)")
 
 
 def lr_factor(rule: str, batch_size: int, base_batch_size: int, noise_scale: float | None = None) -> float:

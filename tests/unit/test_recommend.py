@@ -36,6 +36,29 @@ def test_sgd_linear_rule_with_goyal_warmup():
     assert rec.caveats == []
 
 
+def test_without_a_dataset_size_warmup_is_given_in_epochs_and_says_why():
+    rec = recommend(Plan(1024, 1024, 1), Evidence(memory_limit=2048, noise_scale=4000.0,
+                                                  noise_status="ok", noise_measured_at_step=5000),
+                    base_batch_size=128, base_learning_rate=0.1, optimizer_family="sgd",
+                    steps_per_epoch=None)
+    assert (rec.warmup_steps, rec.warmup_epochs) == (0, 5.0)
+    assert rec.caveats == ["The LR grows 8x: warm it up gradually over ~5 epochs. The workload "
+                           "gives no dataset size, so that cannot be counted in steps here (set "
+                           "the Workload's dataset_size to get warmup_steps)."]
+    assert _recommend(Plan(1024, 1024, 1)).warmup_epochs == 0.0  # in steps when it can be
+
+
+def test_the_summary_table_shows_warmup_in_epochs_when_steps_are_unknown():
+    from batchscope.report.tune_report import summary_rows
+
+    rows = summary_rows({"recommendation": {"batch_size": 1024, "per_device_batch_size": 1024,
+                                            "grad_accumulation": 1, "learning_rate": 0.8,
+                                            "lr_rule": "linear", "warmup_steps": 0,
+                                            "warmup_epochs": 5.0}},
+                        {"reference_batch_size": 128, "reference_lr": 0.1})
+    assert {"setting": "warmup steps", "reference": 0, "recommended": "~5 epochs"} in rows
+
+
 def test_adam_family_gets_the_square_root_rule():
     rec = recommend(Plan(512, 512, 1), Evidence(memory_limit=2048), base_batch_size=128,
                     base_learning_rate=1e-3, optimizer_family="adam")

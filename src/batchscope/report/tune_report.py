@@ -42,10 +42,16 @@ def summary_rows(sections: Mapping[str, Any], workload: Mapping[str, Any]) -> li
         {"setting": "learning rate", "reference": workload.get("reference_lr"),
          "recommended": rec["learning_rate"]},
         {"setting": "LR rule", "reference": "—", "recommended": rec["lr_rule"]},
-        {"setting": "warmup steps", "reference": 0, "recommended": rec["warmup_steps"]},
+        {"setting": "warmup steps", "reference": 0, "recommended": _warmup(rec)},
         {"setting": "predicted speed-up", "reference": 1.0,
          "recommended": rec.get("predicted_speedup_vs_reference")},
     ]
+
+
+def _warmup(rec: Mapping[str, Any]) -> Any:
+    """Steps; "~N epochs" when the LR needs warmup but steps per epoch were unknown."""
+    epochs = rec.get("warmup_epochs") or 0
+    return f"~{epochs:g} epochs" if not rec["warmup_steps"] and epochs else rec["warmup_steps"]
 
 
 def _tables(sections: Mapping[str, Any], workload: Mapping[str, Any]) -> list[tuple[str, list[dict]]]:
