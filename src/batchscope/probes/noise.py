@@ -187,6 +187,13 @@ def estimate_noise_scale(
             # the user's own model
             model = steps_module.build_model(workload, device, guard)
         model.train()
+        # Refused before any training, which can take minutes.
+        if method == "per_example" and _has_train_mode_batchnorm(model):
+            raise UsageError(
+                "method='per_example' is undefined for BatchNorm in train mode (each example's "
+                "gradient depends on the rest of its batch through the batch statistics); use "
+                "method='accumulation'"
+            )
         generator = torch.Generator(device="cpu").manual_seed(seed)
         scaler = _grad_scaler(workload, device)
         if train_steps:
@@ -194,12 +201,6 @@ def estimate_noise_scale(
                                train_batch_size)
         _check_adam_state(precondition, optimizer, model)
         if _has_train_mode_batchnorm(model):
-            if method == "per_example":
-                raise UsageError(
-                    "method='per_example' is undefined for BatchNorm in train mode (each example's "
-                    "gradient depends on the rest of its batch through the batch statistics); use "
-                    "method='accumulation'"
-                )
             notes.append(
                 f"BatchNorm in train mode: each micro-batch of {b} is normalised by its own statistics, "
                 f"so micro-batch gradients are not exact averages of i.i.d. per-example gradients; "

@@ -4,6 +4,8 @@ closed form, and a small MLP whose per-example gradients are computed by a plain
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 import sys
@@ -187,6 +189,16 @@ def test_batchnorm_is_noted_for_accumulation_and_refused_per_example():
     assert any("BatchNorm in train mode" in note for note in result.notes)
     with pytest.raises(UsageError, match="per_example.*BatchNorm"):
         _probe(_batchnorm_workload(), steps=4, method="per_example")
+
+
+def test_per_example_with_batchnorm_is_refused_before_any_training():
+    workload = _batchnorm_workload()
+    calls = []
+    counting = dataclasses.replace(workload, loss=lambda model, batch: (
+        calls.append(1), workload.loss(model, batch))[1])
+    with pytest.raises(UsageError, match="per_example.*BatchNorm"):
+        _probe(counting, steps=4, method="per_example", train_steps=500)
+    assert calls == []  # not one of the 500 training steps ran
 
 
 def test_unresolved_noise_is_reported_not_clipped():
