@@ -27,6 +27,7 @@ apply it needs no reading at all, and honours a directory's default ACL as well.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -91,6 +92,9 @@ def check_writable_directory(directory: str | os.PathLike[str]) -> None:
     """Create `directory` if missing and prove a file can be written in it, so a run can refuse
     an unusable output path before it measures anything. Raises the OSError that says why."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        # mkdir(exist_ok=True) would say "File exists", which reads as no problem at all.
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     test_file = directory / f".batchscope-write-test-{os.getpid()}"
     test_file.write_text("ok")
@@ -99,6 +103,8 @@ def check_writable_directory(directory: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def _atomic_output(path: Path, mode: str, durable: bool = True) -> Iterator[IO[Any]]:
+    if path.is_dir():  # refused before the caller produces the data, not at the final rename
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = _create_temporary(path)
     try:

@@ -83,17 +83,39 @@ class RunRecord:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "RunRecord":
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"run record {str(path)!r} does not exist; pass a run.json path") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"run record {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = _parse_record_json(path)
         if not isinstance(data, dict) or "kind" not in data:
             raise UsageError(f"{str(path)!r} is not a batchscope run record (no 'kind' key)")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:  # e.g. "sections": 5 in a hand-edited record
+            raise UsageError(f"run record {str(path)!r} is malformed ({exc}); re-run the command "
+                             f"that wrote it") from None
+
+
+def _parse_record_json(path: Path) -> Any:
+    """The JSON in `path`; every way a path can fail to be a readable JSON file is a one-line
+    UsageError naming the path (a user passes the wrong path far more often than a broken one)."""
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"run record {name!r} does not exist; pass a run.json path") from None
+    except IsADirectoryError:
+        inside = path / "run.json"
+        fix = f"pass {str(inside)!r}" if inside.is_file() else "pass a run.json file"
+        raise UsageError(f"run record {name!r} is a directory; {fix}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"run record {name!r} is not valid JSON (not UTF-8 text: byte "
+                         f"0x{exc.object[exc.start]:02x} at offset {exc.start}); pass a run.json "
+                         f"written by batchscope") from None
+    except OSError as exc:  # permission denied, a FIFO's error, an I/O error...
+        raise UsageError(f"run record {name!r} cannot be read ({exc.strerror or exc}); pass a "
+                         f"readable run.json path") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"run record {name!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:

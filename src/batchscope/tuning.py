@@ -311,6 +311,8 @@ def _measure(resolved: Workload, where: torch.device, budget_bytes: int | None, 
 
 
 def _check_arguments(budget_s: float, target: str, family: str | None) -> None:
+    if isinstance(budget_s, float) and math.isnan(budget_s):
+        raise UsageError("budget=nan is not a number of seconds; give a finite number such as 300")
     if isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool) and budget_s == math.inf:
         raise UsageError("budget=inf: give a finite number of seconds (a ceiling; tune stops once "
                          "it has its answer, so a generous one costs nothing)")

@@ -15,6 +15,7 @@ Ways in:
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -236,12 +237,32 @@ def load_entry_point(spec: str) -> Workload:
                 f"name a function that returns a batchscope.Workload"
             )
         target = getattr(target, part)
-    workload = target() if callable(target) and not isinstance(target, Workload) else target
+    workload = _call_entry_point(spec, target)
     if not isinstance(workload, Workload):
         raise UsageError(
             f"entry point {spec!r} returned {type(workload).__name__}, not a batchscope.Workload"
         )
     return workload
+
+
+def _call_entry_point(spec: str, target: Any) -> Any:
+    """`target()` for a callable entry point, `target` itself otherwise. The signature is checked
+    first rather than a TypeError caught around the call: a TypeError raised inside the user's
+    function is their bug and keeps its traceback."""
+    if isinstance(target, Workload) or not callable(target):
+        return target
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # some builtins and C types have no signature: just call
+        return target()
+    try:
+        signature.bind()
+    except TypeError as exc:
+        raise UsageError(
+            f"entry point {spec!r} must be callable with no arguments ({exc}); name a function "
+            f"that takes none and returns a batchscope.Workload"
+        ) from None
+    return target()
 
 
 def resolve_workload(name_or_spec: str | Workload, **options: Any) -> Workload:

@@ -357,6 +357,12 @@ def test_an_infinite_budget_is_refused_before_any_probe():
         batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=float("inf"))
 
 
+def test_a_budget_that_is_not_a_number_is_named_before_any_probe():
+    # It used to be called "too small", which sends the user to raise a value that has none.
+    with pytest.raises(batchscope.UsageError, match="budget=nan is not a number of seconds"):
+        batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=float("nan"))
+
+
 def test_a_world_size_below_one_is_refused_before_any_probe():
     with pytest.raises(batchscope.UsageError, match="world_size=0 must be a whole number"):
         batchscope.tune("small-cnn-cifar10", device="cpu", budget_s=20, world_size=0)

@@ -116,6 +116,21 @@ def test_replacing_a_directory_fails_and_cleans_up(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
+def test_a_directory_target_is_refused_before_the_caller_writes_anything(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError, match="Is a directory"):
+        with atomic_output(tmp_path / "taken", "w"):
+            pytest.fail("the body ran although its result could never take the name")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_checking_a_directory_that_is_a_file_says_not_a_directory(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="Not a directory"):
+        atomic.check_writable_directory(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_record_re_exports_the_one_implementation():
     # report/ and sweep/ import write_text_atomic from batchscope.record.
     assert batchscope.record.write_text_atomic is atomic.write_text_atomic

@@ -75,3 +75,40 @@ def test_write_text_atomic_is_still_importable_from_record(tmp_path):
 
     path = write_text_atomic(tmp_path / "trials.csv", "a,b\n1,2\n")
     assert path.read_text() == "a,b\n1,2\n"
+
+
+def test_a_directory_is_refused_in_one_line_pointing_at_its_run_json(tmp_path):
+    with pytest.raises(UsageError) as excinfo:
+        RunRecord.load(tmp_path)
+    assert str(excinfo.value) == f"run record {str(tmp_path)!r} is a directory; pass a run.json file"
+    _record().save(tmp_path / "run.json")
+    with pytest.raises(UsageError) as excinfo:
+        RunRecord.load(tmp_path)
+    assert str(excinfo.value) == (f"run record {str(tmp_path)!r} is a directory; "
+                                  f"pass {str(tmp_path / 'run.json')!r}")
+
+
+def test_bytes_that_are_not_utf8_are_refused_as_not_json(tmp_path):
+    path = tmp_path / "binary.json"
+    path.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UsageError) as excinfo:
+        RunRecord.load(path)
+    assert str(excinfo.value) == (f"run record {str(path)!r} is not valid JSON (not UTF-8 text: "
+                                  f"byte 0xff at offset 0); pass a run.json written by batchscope")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_is_refused_in_one_line(tmp_path):
+    path = _record().save(tmp_path / "run.json")
+    path.chmod(0)
+    with pytest.raises(UsageError, match=r"cannot be read \(Permission denied\)"):
+        RunRecord.load(path)
+
+
+def test_a_record_with_sections_of_the_wrong_type_is_refused_as_malformed(tmp_path):
+    path = tmp_path / "run.json"
+    data = _record().to_dict()
+    data["sections"] = 5
+    path.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match=r"^run record .* is malformed \(.*\); re-run the command"):
+        RunRecord.load(path)

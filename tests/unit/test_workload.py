@@ -119,6 +119,12 @@ def entry_module(tmp_path, monkeypatch):
 
         def not_a_workload():
             return 42
+
+        def needs_arg(x):
+            return x
+
+        def misuses_a_type():
+            return len(5)  # the user's own TypeError, raised inside their function
     """))
     (package / "broken.py").write_text("import module_that_does_not_exist_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -152,3 +158,22 @@ def test_bad_entry_points_are_one_line_usage_errors(entry_module, spec, fragment
 def test_an_import_error_inside_user_code_keeps_its_traceback(entry_module):
     with pytest.raises(ModuleNotFoundError, match="module_that_does_not_exist_xyz"):
         load_entry_point(f"{entry_module}.broken:make")
+
+
+@pytest.mark.parametrize(
+    ("spec", "missing"),
+    [("userpkg.train:needs_arg", "x"), ("os.path:join", "a"), ("torch.nn:Linear", "in_features")],
+)
+def test_an_entry_point_that_needs_arguments_is_a_one_line_usage_error(entry_module, spec, missing):
+    with pytest.raises(UsageError) as excinfo:
+        load_entry_point(spec)
+    assert str(excinfo.value) == (
+        f"entry point {spec!r} must be callable with no arguments (missing a required argument: "
+        f"{missing!r}); name a function that takes none and returns a batchscope.Workload")
+
+
+def test_a_type_error_inside_the_users_function_is_theirs_with_its_traceback(entry_module):
+    with pytest.raises(TypeError, match="object of type 'int' has no len") as excinfo:
+        load_entry_point(f"{entry_module}.train:misuses_a_type")
+    assert not isinstance(excinfo.value, UsageError)
+    assert excinfo.traceback[-1].name == "misuses_a_type"

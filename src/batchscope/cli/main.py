@@ -23,14 +23,21 @@ _CLICK_USAGE_ERRORS = tuple(
 )
 _ABORTS = (typer.Abort,)
 
+# Plain click help, not Typer's rich panels: this Typer's panels print a value placeholder for
+# options that take none ("--json <bool>", "--verbose <int>"), so `-v 2` looked right and failed.
+# The plain format (rich_markup_mode=None) shows flags and counted options as flags. Commands
+# inherit it from the app they are registered on.
+
 app = typer.Typer(
     name="batchscope",
     help="Measure and recommend the training batch size for a PyTorch workload.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-probe_app = typer.Typer(help="Run one probe (memory, throughput, noise).", no_args_is_help=True)
+probe_app = typer.Typer(help="Run one probe (memory, throughput, noise).", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(probe_app, name="probe")
 
 
@@ -42,7 +49,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (stderr)."),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, show_default=False,
+        help="More log output on stderr; repeat the flag for more: -v info, -vv debug."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."

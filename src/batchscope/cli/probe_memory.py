@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from batchscope.cli.common import (
     DEVICE_HELP,
@@ -84,7 +84,7 @@ def command(
         return
     render(result)
     if out is not None:
-        console.print(f"run record written to {out}")
+        console.print(f"run record written to {out}", soft_wrap=True)
 
 
 def render(result: MemoryProbeResult) -> None:
@@ -98,10 +98,11 @@ def render(result: MemoryProbeResult) -> None:
         table.add_row(
             str(index),
             str(probe.batch_size),
-            "[green]yes[/green]" if probe.fits else "[red]no[/red]",
+            # Styled Text, not markup: the console prints strings verbatim (markup=False).
+            Text("yes", style="green") if probe.fits else Text("no", style="red"),
             "-" if probe.peak_bytes is None else format_bytes(probe.peak_bytes),
             f"{probe.seconds:.2f}",
-            escape(probe.reason),
+            Text(probe.reason),  # a framework's "[enforce fail at ...]" shown as it is
             style="bold" if probe.batch_size == result.max_batch_size else None,
         )
     console.print(table)

@@ -283,6 +283,8 @@ def _resolve_budget(
 ) -> int:
     if memory_budget is not None:
         budget = parse_size(memory_budget)
+        if device.type == "cpu":
+            _refuse_budget_above_ram(budget, devices.total_memory_bytes(device))
     elif device.type == "cpu":
         raise UsageError(
             "a memory budget is required on CPU (nothing runs out of memory there before the "
@@ -296,6 +298,17 @@ def _resolve_budget(
             "/proc/self/clear_refs); probe on an accelerator instead"
         )
     return budget
+
+
+def _refuse_budget_above_ram(budget: int, ram: int) -> None:
+    # Nothing fails on CPU before the whole machine runs out: a search under a budget the RAM
+    # cannot hold climbs until the allocator fails or the OS OOM killer ends the process.
+    if budget > ram:
+        raise UsageError(
+            f"memory budget {format_bytes(budget)} is more than this machine's RAM "
+            f"({format_bytes(ram)}); pass --memory-budget / memory_budget= of at most "
+            f"{format_bytes(ram)}, less what else runs on it"
+        )
 
 
 def _upper_bound(

@@ -98,3 +98,34 @@ def test_out_is_checked_before_probing_and_may_be_a_directory(app, tmp_path, mon
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert RunRecord.load(tmp_path / "memory.json").kind == "probe-memory"
+
+
+def test_a_cpu_budget_above_the_machines_ram_is_refused_before_probing(app, monkeypatch):
+    from batchscope import device as devices
+    from batchscope.probes import memory
+
+    monkeypatch.setattr(devices, "total_memory_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(memory, "InProcessRunner",
+                        lambda *a, **k: pytest.fail("probing under a budget larger than the RAM"))
+    result = CliRunner().invoke(app, ["-w", SPEC, "--device", "cpu", "--memory-budget", "1TiB"])
+    assert isinstance(result.exception, UsageError)
+    assert str(result.exception) == (
+        "memory budget 1.00 TiB is more than this machine's RAM (8.00 GiB); pass --memory-budget "
+        "/ memory_budget= of at most 8.00 GiB, less what else runs on it")
+
+
+def test_the_fits_column_shows_words_not_markup_and_reasons_verbatim(capsys):
+    from batchscope.probes.memory import MemoryProbeResult
+    from batchscope.probes.memory_runner import MemoryProbe
+
+    probes = (MemoryProbe(8, True, 2**20, 0.1, 2, "fits"),
+              MemoryProbe(16, False, None, 0.1, 1, "out of memory [enforce fail]"))
+    cli.render(MemoryProbeResult(
+        max_batch_size=8, recommended_batch_size=8, smallest_failure=16, fixed_bytes=None,
+        bytes_per_sample=None, probes=probes, seconds=0.2, budget_bytes=2**30, device="cpu",
+        margin=0.1, tolerance=0.02, capped_by=None, stop_reason="converged", note="done"))
+    out = capsys.readouterr().out
+    assert "[green]" not in out and "[red]" not in out and "\\[" not in out
+    cells = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│")]
+    assert [(row[1].strip(), row[2].strip()) for row in cells] == [("8", "yes"), ("16", "no")]
+    assert cells[1][5].strip() == "out of memory [enforce fail]"
