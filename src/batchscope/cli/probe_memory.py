@@ -35,7 +35,7 @@ from batchscope.workload import resolve_workload
 
 def command(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE", help=OPTION_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     memory_budget: Optional[str] = typer.Option(
         None, "--memory-budget",

@@ -28,7 +28,7 @@ from batchscope.record import RunRecord, environment_info
 
 def command(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE", help=OPTION_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Independent samples (big batches) to average."),
     micro_batch_size: Optional[int] = typer.Option(

@@ -33,7 +33,7 @@ from batchscope.record import RunRecord, environment_info
 
 def command(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE", help=OPTION_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_sizes: Optional[str] = typer.Option(
         None, "--batch-sizes", help="Comma-separated batch sizes to measure, e.g. 32,64,128 "

@@ -43,8 +43,9 @@ def command(
     storage: Optional[str] = typer.Option(
         None,
         "--storage",
-        help="Optuna storage: default a journal file in --out; or a journal path, or a database "
-        "URL (postgresql://user:pw@host/db) that workers on several machines share.",
+        help="Optuna storage (--backend optuna only; Ray keeps its trials in --out): default a "
+        "journal file in --out; or a journal path, or a database URL "
+        "(postgresql://user:pw@host/db) that workers on several machines share.",
     ),
     study: Optional[str] = typer.Option(
         None, "--study", help="Study name; run again with the same name to resume (default <workload>-<mode>)."
@@ -68,7 +69,7 @@ def command(
     no_report: bool = typer.Option(
         False, "--no-report", help="Skip the figures and HTML (record and CSV are still written)."
     ),
-    option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
+    option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE", help=OPTION_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train short real trials over batch sizes (Optuna or Ray Tune) and show time vs quality."""

@@ -21,7 +21,7 @@ from batchscope.tuning import tune
 
 def command(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
-    option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
+    option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE", help=OPTION_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     budget: float = typer.Option(
         300.0, "--budget",

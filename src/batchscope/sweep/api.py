@@ -9,13 +9,14 @@ size, and the Pareto front of time vs quality.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from batchscope import device as devices
+from batchscope.atomic import check_writable_directory
 from batchscope.checks import require_int
 from batchscope.errors import UsageError
 from batchscope.record import environment_info
@@ -32,7 +33,7 @@ from batchscope.sweep.grid import (
 from batchscope.sweep.output import resolve_predicted, write_outputs
 from batchscope.sweep.results import SweepResult, SweepTrialsFailed, TrialFailure
 from batchscope.sweep.trial import run_trial
-from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings
+from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings, first_reaching
 from batchscope.workload import Workload, resolve_workload
 
 BACKENDS = ("optuna", "ray")
@@ -72,6 +73,8 @@ class BackendRun:
     records: list[TrialRecord]
     early_stopping: dict[str, Any]
     failures: list[TrialFailure]
+    notes: list[str] = field(default_factory=list)
+    """What the backend chose that a reader of the results should know."""
 
 
 def sweep(
@@ -109,16 +112,19 @@ def sweep(
         lr_rule: "linear", "sqrt", "none" or "all" (every rule is a grid axis).
         epochs: training epochs per trial (every trial sees the same samples).
         target_metric: the quality to reach; time-to-target is measured against it.
-        storage: Optuna storage: None = a journal file in `out_dir` (resumable), a journal
-            file path, or an RDB URL (e.g. postgresql://...) that workers on many machines share.
+        storage: Optuna storage (backend "optuna" only): None = a journal file in `out_dir`
+            (resumable), a journal file path, or an RDB URL (e.g. postgresql://...) that
+            workers on many machines share.
         study_name: the study to create or resume (default `<workload>-<mode>`).
-        backend: "optuna" (this process runs trials) or "ray" (Ray Tune, one trial per GPU).
+        backend: "optuna" (this process runs trials) or "ray" (Ray Tune, one trial per GPU,
+            or on CPU one per machine, so trials do not share cores).
             A Ray trial that raises does not stop the others: their results are written, then
             `SweepTrialsFailed` names the failures, and rerunning the sweep runs only those.
         out_dir: where the record, CSV, report and resume state go; default
             `batchscope-sweep` in the current directory. Rerunning with the same `out_dir`
             and `study_name` resumes the sweep.
-        pruning: stop hopeless trials early (successive halving / ASHA on the samples grid).
+        pruning: stop hopeless trials early (successive halving / ASHA on the samples grid);
+            a trial that has reached `target_metric` is never stopped.
         mode: "grid" (batch sizes x rules) or "search" (TPE over batch size and LR ranges).
         n_trials: trials to finish in search mode.
         predicted_batch_size: the batch `tune` recommended (an int, or a tune run.json path);
@@ -132,15 +138,10 @@ def sweep(
         report: also draw the figures and the HTML report (the record and CSV are always
             written; workers of a shared sweep can leave the report to one of them).
     """
-    if backend not in BACKENDS:
-        raise UsageError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    if mode not in MODES:
-        raise UsageError(f"mode={mode!r} is not one of {', '.join(MODES)}")
-    if mode == "search":
-        n_trials = require_int("n_trials", n_trials, hint="search mode needs --n-trials, e.g. 20")
-    elif n_trials is not None:
-        raise UsageError("n_trials applies to --mode search only; a grid runs every point once")
+    n_trials = _check_backend_and_mode(backend, mode, n_trials, storage)
     rules = expand_lr_rules(lr_rule)
+    settings = TrialSettings(epochs, evals_per_epoch, seed, target_metric, warmup_epochs,
+                             max_micro_batch_size)
     resolved = resolve_workload(workload, **(workload_options or {}))
     if resolved.evaluate is None or resolved.epoch_batches is None or resolved.dataset_size is None:
         raise UsageError(
@@ -148,9 +149,9 @@ def sweep(
             f"needs to train and score real epochs"
         )
     sizes = validate_batch_sizes(batch_sizes, resolved.dataset_size)
-    settings = TrialSettings(epochs, evals_per_epoch, seed, target_metric, warmup_epochs,
-                             max_micro_batch_size)
     predicted = resolve_predicted(predicted_batch_size)
+    # Last of the checks, as it creates the directory: a bad argument leaves nothing behind.
+    check_output_paths(out_dir, storage if backend == "optuna" else None)
     space = (
         SearchSpace.around(sizes, resolved.reference_batch_size, resolved.reference_lr)
         if mode == "search"
@@ -193,6 +194,7 @@ def sweep(
             f"At the reference batch {resolved.reference_batch_size} every LR rule gives the "
             f"reference LR, so {kept} also stands for {', '.join(merged)} (trained once)."
         )
+    result.notes.extend(run.notes)
     failed = {failure.key for failure in run.failures}
     for failure in run.failures:
         result.notes.append(
@@ -215,6 +217,61 @@ def sweep(
     return result
 
 
+def _check_backend_and_mode(
+    backend: str, mode: str, n_trials: int | None, storage: str | None
+) -> int | None:
+    """Refuse options that do not fit together; returns `n_trials` as an int in search mode."""
+    if backend not in BACKENDS:
+        raise UsageError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "ray" and storage is not None:
+        from batchscope.sweep.optuna_backend import redact_url
+
+        raise UsageError(
+            f"storage={redact_url(storage)!r} is for --backend optuna only; the ray backend keeps "
+            f"its trials in --out (<out>/ray), so drop --storage or use --backend optuna"
+        )
+    if mode not in MODES:
+        raise UsageError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+    if mode == "search":
+        return require_int("n_trials", n_trials, hint="search mode needs --n-trials, e.g. 20")
+    if n_trials is not None:
+        raise UsageError("n_trials applies to --mode search only; a grid runs every point once")
+    return None
+
+
+def check_output_paths(out_dir: str | os.PathLike[str], journal: str | None = None) -> None:
+    """Create `out_dir` (and a journal file's folder) and prove they are writable, before any
+    trial trains: a sweep that ends in an unwritable path has thrown its minutes away.
+    `journal` is an Optuna --storage value; a database URL is the database's business."""
+    out = Path(out_dir)
+    checks = [(out, "--out", out, "pass --out a writable directory (new or existing)")]
+    if journal is not None and "://" not in journal:
+        checks.append((Path(journal).parent, "--storage", Path(journal),
+                       "pass --storage a journal file in a writable directory, or a database URL"))
+    for directory, option, given, fix in checks:  # all, before any folder is created
+        blocker = _file_in_the_way(directory)
+        if blocker is not None and blocker == given:
+            raise UsageError(f"{option} {str(given)!r} is a file, not a directory; {fix}")
+        if blocker is not None:
+            raise UsageError(f"{option} {str(given)!r} cannot be created: {str(blocker)!r} is "
+                             f"a file; {fix}")
+    for directory, option, given, fix in checks:
+        try:
+            check_writable_directory(directory)
+        except OSError as exc:
+            raise UsageError(f"{option} {str(given)!r} is not writable "
+                             f"({exc.strerror or exc}); {fix}") from None
+
+
+def _file_in_the_way(directory: Path) -> Path | None:
+    """The nearest existing path at or above `directory` when it is not a folder (mkdir's
+    NotADirectoryError/FileExistsError would say only "Not a directory")."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
 def trial_runner(
     workload: Workload,
     settings: TrialSettings,
@@ -222,7 +279,11 @@ def trial_runner(
     progress: Progress | None,
 ) -> Callable[..., TrialRecord]:
     """(point, on_eval) -> record, with a progress line after each evaluation (run_trial itself
-    leaves the workload's model and the process's RNG states as they were)."""
+    leaves the workload's model and the process's RNG states as they were).
+
+    A trial that has reached the target metric is never pruned: pruning stops trials that are
+    behind at a rung, but one already at the target has its time-to-target, the number the
+    sweep ranks on, and must finish its budget to be ranked (a pruned trial is not)."""
 
     def run(point: Any, on_eval: Callable[[EvalPoint, TrialRecord], bool]) -> TrialRecord:
         def hook(evaluation: EvalPoint, record: TrialRecord) -> bool:
@@ -232,7 +293,10 @@ def trial_runner(
                     f"{evaluation.metric:.4f} after {evaluation.samples_seen} samples, "
                     f"{evaluation.train_seconds:.1f}s"
                 )
-            return on_eval(evaluation, record)
+            prune = on_eval(evaluation, record)  # always called: it reports to the pruner
+            reached = first_reaching(record.curve, settings.target_metric,
+                                     workload.higher_is_better)
+            return prune and reached is None
 
         record = run_trial(workload, point, settings, device, hook)
         if progress is not None:
@@ -311,7 +375,17 @@ def _run_ray(plan: SweepPlan) -> BackendRun:
         config=plan.config,
     )
     run = run_ray_sweep(spec, plan.progress)
-    return BackendRun(run.records, scheduler_description(spec), run.failures)
+    return BackendRun(run.records, scheduler_description(spec), run.failures,
+                      [] if run.resources is None else [resources_note(run.resources)])
+
+
+def resources_note(resources: dict[str, float]) -> str:
+    """Why Ray ran the trials as many at a time as it did (see `trial_resources`)."""
+    if "gpu" in resources:
+        return "Ray ran one trial per GPU at a time (1 GPU and 1 CPU each)."
+    return (f"Ray gave each trial {resources['cpu']:g} CPUs, a whole machine, so a machine runs "
+            f"one trial at a time: trials sharing cores would slow each other and skew "
+            f"samples/s and time to target.")
 
 
 def _study_config(

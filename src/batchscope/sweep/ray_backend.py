@@ -1,10 +1,14 @@
-"""Run sweep trials on Ray Tune: one trial per GPU (or per CPU), ASHA early stopping.
+"""Run sweep trials on Ray Tune: one trial per GPU (or per machine on CPU), ASHA early stopping.
 
 Each Ray trial runs the same `run_trial` as the Optuna backend and reports after every
 evaluation of the common samples grid (`eval_index` is ASHA's time attribute), carrying the
 trial's record so far; the last report of each trial becomes its TrialRecord. A trial ASHA
 stopped before the end of its budget is "pruned" and, like every trial that did not run its
-full budget, stays off the Pareto front.
+full budget, stays off the Pareto front; so ASHA never stops one that has reached the target
+(its time-to-target is what the sweep ranks).
+
+A CPU trial takes all of a machine's CPUs: trials sharing cores slow each other down, and the
+sweep measures speed (samples/s, time to target). A GPU trial takes one GPU.
 
 Resume without unpickling: the driver saves each trial's record as plain JSON the moment Ray
 reports the trial finished (see trial_store.py); running the same study again skips those
@@ -31,13 +35,21 @@ from batchscope.errors import UsageError
 from batchscope.record import to_jsonable
 from batchscope.sweep.grid import SEARCH_RULE, GridPoint, SearchSpace
 from batchscope.sweep.results import TrialFailure
-from batchscope.sweep.trial_record import EvalPoint, TrialRecord, TrialSettings, summarise
+from batchscope.sweep.trial_record import (
+    MAX_SEED,
+    EvalPoint,
+    TrialRecord,
+    TrialSettings,
+    first_reaching,
+    summarise,
+)
 from batchscope.sweep.trial_store import TrialStore
 from batchscope.workload import Workload
 
 RAY_HINT = "the ray backend needs Ray Tune: pip install 'batchscope[ray]'"
 METRIC = "metric"
 TIME_ATTR = "eval_index"
+REACHED = "reached_target"
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,8 @@ class RaySweepRun:
     """Finished trials: saved by an earlier run or by this one."""
     failures: list[TrialFailure]
     """Trials that raised (or ended without a final report) in this run; they run again next time."""
+    resources: dict[str, float] | None = None
+    """What each trial of this run asked Ray for (None: Ray was not started)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ def remaining_work(spec: RaySweepSpec, saved: list[TrialRecord]) -> RemainingWor
         kept=kept,
         # The sampler's random start points come from its seed alone: with the first run's
         # seed a resumed search would draw (and train) the points it already has.
-        search_seed=spec.settings.seed + len(kept),
+        search_seed=(spec.settings.seed + len(kept)) % (MAX_SEED + 1),
         history=history,
     )
 
@@ -133,7 +147,8 @@ def run_ray_sweep(spec: RaySweepSpec, progress: Callable[[str], None] | None = N
     if started_here:
         ray.init(address=spec.address, include_dashboard=False, log_to_driver=False)
     try:
-        results = _fit(spec, work, store)
+        resources = trial_resources(spec.device, node_cpu_counts(ray.nodes()))
+        results = _fit(spec, work, store, resources)
     finally:
         if started_here:
             ray.shutdown()
@@ -152,12 +167,31 @@ def run_ray_sweep(spec: RaySweepSpec, progress: Callable[[str], None] | None = N
             record = records[key] = saved[key]
             if progress is not None:
                 progress(f"[{record.key}] {record.outcome}: final metric {record.final_metric}")
-    return RaySweepRun(list(records.values()), failures)
+    return RaySweepRun(list(records.values()), failures, resources)
 
 
-def _fit(spec: RaySweepSpec, work: RemainingWork, store: TrialStore) -> Any:
+def node_cpu_counts(nodes: list[dict[str, Any]]) -> list[float]:
+    """The CPUs of each live node with any (`ray.nodes()` entries; a head started with
+    --num-cpus=0 runs no trial)."""
+    counts = [float(node.get("Resources", {}).get("CPU", 0)) for node in nodes if node.get("Alive")]
+    return [count for count in counts if count > 0]
+
+
+def trial_resources(device: torch.device, node_cpus: list[float]) -> dict[str, float]:
+    """What one trial asks Ray for. On CPU: every core of the smallest node, so a node runs
+    one trial at a time (trials sharing cores would time each other's contention, not their
+    batch size; Ray also sets the trial's thread count to its CPUs) and every node can run
+    one. On a GPU: one GPU and one CPU to feed it, so a node runs one trial per GPU."""
+    if device.type == "cuda":
+        return {"gpu": 1, "cpu": 1}
+    return {"cpu": min(node_cpus) if node_cpus else 1}
+
+
+def _fit(
+    spec: RaySweepSpec, work: RemainingWork, store: TrialStore, resources: dict[str, float]
+) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     use_gpu = spec.device.type == "cuda"
     payload = {
@@ -167,12 +201,9 @@ def _fit(spec: RaySweepSpec, work: RemainingWork, store: TrialStore) -> Any:
         "device": "cuda" if use_gpu else str(spec.device),
         "higher_is_better": spec.higher_is_better,
     }
-    trainable = tune.with_resources(
-        tune.with_parameters(_ray_trial, payload=payload),
-        {"gpu": 1, "cpu": 1} if use_gpu else {"cpu": 1},
-    )
+    trainable = tune.with_resources(tune.with_parameters(_ray_trial, payload=payload), resources)
     scheduler = (
-        ASHAScheduler(time_attr=TIME_ATTR, **scheduler_settings(spec.settings))
+        target_keeping_asha(**scheduler_settings(spec.settings))
         if spec.pruning
         else FIFOScheduler()
     )
@@ -248,6 +279,20 @@ def scheduler_settings(settings: TrialSettings) -> dict[str, int]:
     }
 
 
+def target_keeping_asha(**settings: Any) -> Any:
+    """ASHA on the samples grid that lets a trial which reported reaching the target go on:
+    its time-to-target is measured, and only a trial that finishes its budget is ranked."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class TargetKeepingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            # Always recorded at its rung, so the other trials' cutoffs still count it.
+            action = super().on_trial_result(tune_controller, trial, result)
+            return TrialScheduler.CONTINUE if result.get(REACHED) else action
+
+    return TargetKeepingASHA(time_attr=TIME_ATTR, **settings)
+
+
 def _search_setup(spec: RaySweepSpec, work: RemainingWork, tune: Any) -> tuple[dict[str, Any], Any]:
     if work.points is not None:
         return {"point": tune.grid_search([p.to_dict() for p in work.points])}, None
@@ -285,7 +330,8 @@ def _ray_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
         point = GridPoint(int(config["batch_size"]), SEARCH_RULE, float(config["learning_rate"]))
 
     def on_eval(evaluation: EvalPoint, record: TrialRecord) -> bool:
-        tune.report(_report(evaluation.index, evaluation.metric, record))
+        reached = first_reaching(record.curve, settings.target_metric, payload["higher_is_better"])
+        tune.report(_report(evaluation.index, evaluation.metric, record, reached is not None))
         return False  # ASHA stops the trial from outside
 
     record = run_trial(workload, point, settings, torch.device(payload["device"]), on_eval)
@@ -295,10 +341,11 @@ def _ray_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
         tune.report(_report(last.index if last else 0, last.metric if last else worst, record))
 
 
-def _report(index: int, metric: float, record: TrialRecord) -> dict[str, Any]:
+def _report(index: int, metric: float, record: TrialRecord, reached: bool = False) -> dict[str, Any]:
     return {
         TIME_ATTR: index,
         METRIC: metric,
+        REACHED: reached,
         "outcome": record.outcome,
         "record": json.dumps(to_jsonable(record.to_dict())),
     }

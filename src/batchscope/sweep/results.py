@@ -3,7 +3,8 @@
 The front trades time against quality: a trial is on it when no other trial reached the target
 sooner *and* ended at least as good (one of the two strictly). Only trials that ran their full
 budget compete (a pruned or diverged trial's "final" metric is not comparable), and when no
-target was given, time is the training time of the whole budget.
+target was given, time is the training time of the whole budget. An unranked trial that
+reached the target sooner than the front's fastest is named in a note, with why.
 """
 
 from __future__ import annotations
@@ -112,14 +113,17 @@ class SweepResult:
             [(front_time(t, has_target), t.final_metric) for t in candidates],  # type: ignore[misc]
             higher_is_better,
         )
+        front = [candidates[i] for i in indices]
+        sooner = unranked_sooner(ordered, front[0] if front else None, target_metric)
         return cls(
             trials=ordered,
-            front=[candidates[i].key for i in indices],
+            front=[t.key for t in front],
             higher_is_better=higher_is_better,
             target_metric=target_metric,
             metric_name=metric_name,
             config=dict(config or {}),
             predicted_batch_size=predicted_batch_size,
+            notes=[unranked_note(sooner, front[0] if front else None)] if sooner else [],
         )
 
     def front_trials(self) -> list[TrialRecord]:
@@ -169,6 +173,37 @@ class SweepResult:
             paths=dict(data.get("paths", {})),
             notes=list(data.get("notes", [])),
         )
+
+
+def unranked_sooner(
+    trials: Sequence[TrialRecord], fastest: TrialRecord | None, target: float | None
+) -> list[TrialRecord]:
+    """Trials off the front for ending before their budget (pruned, diverged, out of memory)
+    that reached the target sooner than the front's fastest trial: the ranking must say why
+    it calls a slower trial the fastest. (The backends no longer prune a trial at the target,
+    but a study resumed with a new target, or a trial that diverged later, still gives these.)"""
+    if target is None:
+        return []
+    best = fastest.time_to_target if fastest is not None else None
+    return [
+        t for t in trials
+        if not t.full_budget and t.time_to_target is not None
+        and (best is None or t.time_to_target < best)
+    ]
+
+
+def unranked_note(sooner: Sequence[TrialRecord], fastest: TrialRecord | None) -> str:
+    listed = ", ".join(f"{t.key} ({t.outcome}, {t.time_to_target:.3g} s)" for t in sooner)
+    if fastest is None:
+        than = "but no trial ran its full budget"
+    elif fastest.time_to_target is None:
+        than = f"while the front's first trial {fastest.key} never did"
+    else:
+        than = f"sooner than the front's fastest {fastest.key} ({fastest.time_to_target:.3g} s)"
+    rerun = (" (a new --study trains pruned ones to the end: a trial at the target is not "
+             "pruned)" if any(t.outcome == "pruned" for t in sooner) else "")
+    return (f"{listed} reached the target {than}, but ended before their budget, so they are "
+            f"not ranked: final metrics compare only at the full budget{rerun}")
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,17 @@ by a Ray trial or saved in a run record are all the same thing.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchscope.checks import require_int
+from batchscope.errors import UsageError
 
 OUTCOMES = ("complete", "pruned", "diverged", "oom")
 """How a trial can end as a result (anything else raised is a bug and propagates)."""
+MAX_SEED = 2**32 - 1
+"""The largest seed numpy's RNG (which Optuna's samplers use) accepts."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,14 @@ class TrialSettings:
         for name in ("epochs", "evals_per_epoch"):
             # Frozen: store the plain int, so a numpy integer serialises like any other.
             object.__setattr__(self, name, require_int(name, getattr(self, name), hint="e.g. 2"))
+        # numpy and Optuna's samplers refuse any other seed, which would surface mid-sweep as
+        # a traceback after the study's files were created.
+        object.__setattr__(self, "seed", require_int(
+            "seed", self.seed, minimum=0, maximum=MAX_SEED, hint="--seed, e.g. 0"))
+        if self.target_metric is not None and not _finite_number(self.target_metric):
+            # NaN was stored as null and the target silently dropped.
+            raise UsageError(f"target_metric={self.target_metric!r} must be a finite number "
+                             f"(--target-metric, e.g. 0.6 for 60% accuracy)")
         if self.max_micro_batch_size is not None:
             object.__setattr__(self, "max_micro_batch_size", require_int(
                 "max_micro_batch_size", self.max_micro_batch_size,
@@ -117,12 +129,25 @@ def apply_target(record: TrialRecord, target: float | None, higher_is_better: bo
     """Set time/samples/epochs to `target`: the first evaluation that reached it (None if none
     did). Recomputed from the curve, so a stored trial can be judged against a new target."""
     record.time_to_target = record.samples_to_target = record.epochs_to_target = None
+    point = first_reaching(record.curve, target, higher_is_better)
+    if point is not None:
+        record.time_to_target = point.train_seconds
+        record.samples_to_target = point.samples_seen
+        record.epochs_to_target = point.epoch
+
+
+def first_reaching(
+    curve: list[EvalPoint], target: float | None, higher_is_better: bool
+) -> EvalPoint | None:
+    """The first evaluation at or past `target` (None: no target, or none reached it)."""
     if target is None:
-        return
-    for point in record.curve:
-        reached = point.metric >= target if higher_is_better else point.metric <= target
-        if reached:
-            record.time_to_target = point.train_seconds
-            record.samples_to_target = point.samples_seen
-            record.epochs_to_target = point.epoch
-            return
+        return None
+    for point in curve:
+        if point.metric >= target if higher_is_better else point.metric <= target:
+            return point
+    return None
+
+
+def _finite_number(value: Any) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
