@@ -126,6 +126,14 @@ print(f"{hole_mib:.2f} {unoccupied:.2f} {occupied:.2f} {blocks} {cpu_heap.occupi
 """
 
 
+def _run_in_a_fresh_process(scenario: str) -> str:
+    """What `scenario` prints, run by a new interpreter (a heap holding only what it made)."""
+    done = subprocess.run([sys.executable, "-c", scenario], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def _has_mallinfo2() -> bool:
     name = ctypes.util.find_library("c")
     return name is not None and hasattr(ctypes.CDLL(name), "mallinfo2")
@@ -134,18 +142,16 @@ def _has_mallinfo2() -> bool:
 @pytest.mark.skipif(not devices.supports_peak_reset(torch.device("cpu")) or not _has_mallinfo2(),
                     reason="needs Linux clear_refs and glibc >= 2.33")
 def test_a_window_measures_the_live_peak_in_a_heap_with_a_hole():
-    done = subprocess.run([sys.executable, "-c", _HOLE_SCENARIO], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    hole, unoccupied, occupied, blocks, blocks_after, free_after = done.stdout.split()
-    assert float(hole) >= 16, done.stdout  # the scenario made its hole
+    printed = _run_in_a_fresh_process(_HOLE_SCENARIO)
+    hole, unoccupied, occupied, blocks, blocks_after, free_after = printed.split()
+    assert float(hole) >= 16, printed  # the scenario made its hole
     # The 10 MiB activation landed in the hole and stayed resident after its free: 30 MiB.
-    assert float(unoccupied) >= 29.5, done.stdout
+    assert float(unoccupied) >= 29.5, printed
     # Occupied, both are mmapped and the first is unmapped on free: the live peak, 20 MiB.
-    assert 19.5 <= float(occupied) <= 21.0, done.stdout
+    assert 19.5 <= float(occupied) <= 21.0, printed
     # The window held the holes with a few blocks and gave them all back when it ended.
-    assert 1 <= int(blocks) <= 64 and int(blocks_after) == 0, done.stdout
-    assert float(free_after) >= 16, done.stdout
+    assert 1 <= int(blocks) <= 64 and int(blocks_after) == 0, printed
+    assert float(free_after) >= 16, printed
 
 
 @pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33")
@@ -157,3 +163,49 @@ def test_a_blocks_header_says_whether_it_has_a_mapping_of_its_own():
     finally:
         libc.free(small)
         libc.free(large)
+
+
+# Run in a fresh process: in a long test session the heap already holds free chunks that glibc
+# reuses before it considers mmap at all, whatever the threshold.
+_HEAP_SCENARIO = r"""
+import ctypes, ctypes.util, sys, torch
+import batchscope
+from batchscope import device as devices
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = MallInfo2
+
+def mmapped_while_holding_one_mebibyte():
+    before = libc.mallinfo2().hblks
+    held = torch.empty(2**20, dtype=torch.uint8)
+    during = libc.mallinfo2().hblks
+    del held
+    return during - before
+
+cpu = torch.device("cpu")
+devices.reset_peak_memory(cpu)
+in_window = mmapped_while_holding_one_mebibyte()
+devices.end_peak_windows(cpu)
+after_window = mmapped_while_holding_one_mebibyte()
+model = torch.nn.Linear(8, 2)
+workload = batchscope.Workload.from_objects(
+    model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, batch: m(batch).square().mean(),
+    lambda size, device, generator: torch.randn(size, 8, generator=generator).to(device),
+    reference_batch_size=8)
+batchscope.probe_memory(workload, device="cpu", memory_budget="64MiB", max_batch_size=64)
+after_probe = mmapped_while_holding_one_mebibyte()
+print(in_window, after_window, after_probe)
+"""
+
+
+@pytest.mark.skipif(not devices.supports_peak_reset(torch.device("cpu")) or not _has_mallinfo2(),
+                    reason="needs Linux clear_refs and glibc >= 2.33")
+def test_after_a_cpu_memory_probe_mid_sized_buffers_come_from_the_heap_again():
+    # Inside a window the 256 KiB threshold mmaps (and faults in afresh) a 1 MiB buffer; once
+    # the windows end, glibc's 32 MiB ceiling serves it from the heap, as before any probing.
+    # The memory probe ends its windows itself.
+    assert _run_in_a_fresh_process(_HEAP_SCENARIO).split() == ["1", "0", "0"]

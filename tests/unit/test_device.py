@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -96,57 +94,3 @@ def test_ending_the_peak_windows_sets_glibcs_dynamic_ceiling(fake_libc):
     devices.end_peak_windows(torch.device("cpu"))
     devices.end_peak_windows(torch.device("cuda"))  # nothing to do off the CPU
     assert fake_libc.calls == [("mallopt", -3, 32 * 2**20), ("mallopt", -1, 64 * 2**20)]
-
-
-# Run in a fresh process: in a long test session the heap already holds free chunks that glibc
-# reuses before it considers mmap at all, whatever the threshold.
-_HEAP_SCENARIO = r"""
-import ctypes, ctypes.util, sys, torch
-import batchscope
-from batchscope import device as devices
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                               "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.mallinfo2.restype = MallInfo2
-
-def mmapped_while_holding_one_mebibyte():
-    before = libc.mallinfo2().hblks
-    held = torch.empty(2**20, dtype=torch.uint8)
-    during = libc.mallinfo2().hblks
-    del held
-    return during - before
-
-cpu = torch.device("cpu")
-devices.reset_peak_memory(cpu)
-in_window = mmapped_while_holding_one_mebibyte()
-devices.end_peak_windows(cpu)
-after_window = mmapped_while_holding_one_mebibyte()
-model = torch.nn.Linear(8, 2)
-workload = batchscope.Workload.from_objects(
-    model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, batch: m(batch).square().mean(),
-    lambda size, device, generator: torch.randn(size, 8, generator=generator).to(device),
-    reference_batch_size=8)
-batchscope.probe_memory(workload, device="cpu", memory_budget="64MiB", max_batch_size=64)
-after_probe = mmapped_while_holding_one_mebibyte()
-print(in_window, after_window, after_probe)
-"""
-
-
-def _has_mallinfo2() -> bool:
-    name = ctypes.util.find_library("c")
-    return name is not None and hasattr(ctypes.CDLL(name), "mallinfo2")
-
-
-@pytest.mark.skipif(not devices.supports_peak_reset(torch.device("cpu")) or not _has_mallinfo2(),
-                    reason="needs Linux clear_refs and glibc >= 2.33")
-def test_after_a_cpu_memory_probe_mid_sized_buffers_come_from_the_heap_again():
-    # Inside a window the 256 KiB threshold mmaps (and faults in afresh) a 1 MiB buffer; once
-    # the windows end, glibc's 32 MiB ceiling serves it from the heap, as before any probing.
-    # The memory probe ends its windows itself.
-    done = subprocess.run([sys.executable, "-c", _HEAP_SCENARIO], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "0", "0"]
