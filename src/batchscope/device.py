@@ -9,7 +9,7 @@ That is real memory, measured by the OS, which makes a CPU memory budget meaning
 
 The resident set only measures a step if glibc's allocator hands freed buffers back and has
 no holes to reuse: `reset_peak_memory` on CPU opens a window that sees to both, and
-`end_peak_windows` puts the allocator back to full speed (see `batchscope.cpu_heap`, which also
+`release_peak_windows` puts the allocator back to full speed (see `batchscope.cpu_heap`, which also
 says what each setting cost and measured). Only the memory probe opens CPU windows;
 `release_memory` changes no setting.
 """
@@ -129,7 +129,7 @@ def release_memory(device: torch.device) -> None:
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window.
 
-    On CPU (glibc) this also sets the allocator up until `end_peak_windows`, so that freed
+    On CPU (glibc) this also sets the allocator up until `release_peak_windows`, so that freed
     buffers leave the resident set and no heap hole serves a large one (`batchscope.cpu_heap`):
     otherwise memory the step already gave back counts in its peak. Only the memory probe
     opens CPU windows.
@@ -151,17 +151,11 @@ def claim_peak_windows(device: torch.device) -> bool:
 
 
 def release_peak_windows(device: torch.device) -> None:
-    """End the windows (`end_peak_windows`) and give a CPU claim back."""
-    if device.type == "cpu":
-        cpu_heap.release_windows()
-
-
-def end_peak_windows(device: torch.device) -> None:
-    """After the last peak window: on CPU (glibc), free what held the heap's holes and put
-    malloc's thresholds where its dynamic rule would settle in a long-running process;
+    """After the last window: on CPU, free what held the heap's holes, put malloc's thresholds
+    where its dynamic rule would settle in a long-running process, and give the claim back;
     elsewhere nothing."""
     if device.type == "cpu":
-        cpu_heap.close_windows()
+        cpu_heap.release_windows()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -120,7 +120,7 @@ unoccupied = step_peak_mib()
 devices.reset_peak_memory(cpu)
 blocks = cpu_heap.occupied_blocks()
 occupied = step_peak_mib()
-devices.end_peak_windows(cpu)
+cpu_heap.close_windows()
 print(f"{hole_mib:.2f} {unoccupied:.2f} {occupied:.2f} {blocks} {cpu_heap.occupied_blocks()} "
       f"{libc.mallinfo2().fordblks / MiB:.2f}")
 """
@@ -170,7 +170,7 @@ def test_a_blocks_header_says_whether_it_has_a_mapping_of_its_own():
 _HEAP_SCENARIO = r"""
 import ctypes, ctypes.util, sys, torch
 import batchscope
-from batchscope import device as devices
+from batchscope import cpu_heap, device as devices
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
@@ -189,7 +189,7 @@ def mmapped_while_holding_one_mebibyte():
 cpu = torch.device("cpu")
 devices.reset_peak_memory(cpu)
 in_window = mmapped_while_holding_one_mebibyte()
-devices.end_peak_windows(cpu)
+cpu_heap.close_windows()
 after_window = mmapped_while_holding_one_mebibyte()
 model = torch.nn.Linear(8, 2)
 workload = batchscope.Workload.from_objects(

@@ -60,8 +60,9 @@ def _checked_html_path(run: Path, html: Path | None, plots_dir: str) -> Path:
     else:
         path, option, fix = html, "--html", "pass a file path in a writable directory"
     if path.is_dir():
-        raise UsageError(f"{option} {str(path)!r} is a directory; pass a file path such as "
-                         f"{str(path / REPORT_NAME)!r}")
+        where = ("pass --html PATH to write the report elsewhere" if html is None
+                 else f"pass a file path such as {str(path / REPORT_NAME)!r}")
+        raise UsageError(f"{option} {str(path)!r} is a directory; {where}")
     if path.resolve() == run.resolve():  # the HTML would replace the record it is drawn from
         raise UsageError(f"{option} {str(path)!r} is the run record itself; pass another file "
                          f"name such as {str(path.with_name(REPORT_NAME))!r}")

@@ -330,7 +330,9 @@ def _same_mapping_type(batch: Mapping[Any, Any], values: dict[Any, Any]) -> Mapp
     """`values` as a `type(batch)`, as the collate function made it: training_step may read a
     batch by attribute (HuggingFace's BatchEncoding) or check its type. A type whose constructor
     takes other arguments (defaultdict: its factory first) is rebuilt from a shallow copy of the
-    batch with the values put in; a plain dict only when neither works (a read-only Mapping)."""
+    batch with the values put in (a wrapper whose copy shares its inner dict then changes the
+    batch it came from too: the callers build from a batch they drop); a plain dict only when
+    neither works (a read-only Mapping)."""
     if type(batch) is dict:
         return values
     try:

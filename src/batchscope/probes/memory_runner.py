@@ -202,7 +202,7 @@ class InProcessRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self._warm_up(warm_batch_size)
-        if self._own_meter is not None:
+        if self._own_meter is not None and self._own_meter.relative:
             # After the warm-up: a lazy module's parameters exist only from its first forward.
             self._own_meter.settle(excluding_growth_since=before,
                                    model_bytes=tensor_bytes(self.model))
@@ -275,12 +275,20 @@ class InProcessRunner:
 
 
 def tensor_bytes(model: nn.Module) -> int:
-    """The bytes of the model's parameters and buffers, each storage once (tied weights)."""
+    """The bytes of the model's parameters and buffers, each storage once (tied weights).
+    Tensors without a plain storage (a wrapper subclass such as a quantised weight, a sparse
+    tensor) count their elements; an uninitialised lazy parameter counts nothing."""
     storages: dict[int, int] = {}
+    loose = 0
     for tensor in itertools.chain(model.parameters(), model.buffers()):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            continue
+        try:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            loose += tensor.numel() * tensor.element_size()
+    return sum(storages.values()) + loose
 
 
 def judge(

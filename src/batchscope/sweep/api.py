@@ -246,6 +246,10 @@ def check_output_paths(out_dir: str | os.PathLike[str], journal: str | None = No
     out = Path(out_dir)
     checks = [(out, "--out", out, "pass --out a writable directory (new or existing)")]
     if journal is not None and "://" not in journal:
+        if Path(journal).is_dir():
+            raise UsageError(f"--storage {journal!r} is a directory; pass a journal file path, "
+                             f"e.g. {str(Path(journal) / 'optuna-journal.log')!r}, or a "
+                             f"database URL")
         checks.append((Path(journal).parent, "--storage", Path(journal),
                        "pass --storage a journal file in a writable directory, or a database URL"))
     for directory, option, given, fix in checks:  # all, before any folder is created
@@ -383,9 +387,11 @@ def resources_note(resources: dict[str, float]) -> str:
     """Why Ray ran the trials as many at a time as it did (see `trial_resources`)."""
     if "gpu" in resources:
         return "Ray ran one trial per GPU at a time (1 GPU and 1 CPU each)."
-    return (f"Ray gave each trial {resources['cpu']:g} CPUs, a whole machine, so a machine runs "
-            f"one trial at a time: trials sharing cores would slow each other and skew "
-            f"samples/s and time to target.")
+    cpus = resources["cpu"]
+    return (f"Ray gave each trial {cpus:g} CPU{'' if cpus == 1 else 's'}, all the cores of the "
+            f"smallest machine, so that machine runs one trial at a time (a larger one as many "
+            f"as its cores hold): trials sharing cores would slow each other and skew samples/s "
+            f"and time to target.")
 
 
 def _study_config(

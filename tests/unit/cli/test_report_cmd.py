@@ -60,6 +60,13 @@ def test_html_that_is_a_directory_is_refused(capsys, tmp_path, saved_run, no_dra
                    f"{str(tmp_path / 'report.html')!r}\n")
 
 
+def test_a_default_report_path_that_is_a_directory_points_at_html(capsys, saved_run, no_drawing):
+    (saved_run.parent / "report.html").mkdir()
+    code, _, err = _run(capsys, "report", str(saved_run))
+    assert (code, err) == (2, f"error: the report {str(saved_run.parent / 'report.html')!r} is a "
+                              f"directory; pass --html PATH to write the report elsewhere\n")
+
+
 def test_html_under_a_plain_file_is_refused(capsys, tmp_path, saved_run, no_drawing):
     blocker = tmp_path / "afile"
     blocker.write_text("x")

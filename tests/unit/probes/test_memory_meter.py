@@ -130,3 +130,12 @@ def test_a_meter_never_closed_gives_its_claim_back_when_collected(process):
     abandoned = cpu_meter()
     del abandoned  # a runner dropped without close(): nothing else refers to its meter
     cpu_meter().close()
+
+
+def test_tensors_without_a_plain_storage_count_their_elements():
+    sparse = nn.Linear(3, 3)
+    sparse.weight = nn.Parameter(torch.eye(3).to_sparse())  # no untyped_storage for sparse
+    lazy = nn.LazyLinear(4)  # uninitialised until its first forward: nothing to count yet
+    model = nn.Sequential(sparse, lazy)
+    # The sparse weight by its elements (9 floats, as numel counts them) and the dense bias.
+    assert tensor_bytes(model) == 9 * 4 + 3 * 4

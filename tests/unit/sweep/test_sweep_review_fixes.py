@@ -64,6 +64,14 @@ def test_a_journal_under_a_file_is_refused_before_out_is_created(cli, tmp_path):
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_journal_that_is_a_directory_is_refused_before_out_is_created(cli, tmp_path):
+    (tmp_path / "jdir").mkdir()
+    _refused(cli("--out", "sw", "--storage", "jdir"),
+             "--storage 'jdir' is a directory; pass a journal file path, e.g. "
+             "'jdir/optuna-journal.log', or a database URL")
+    assert not (tmp_path / "sw").exists()
+
+
 @pytest.mark.parametrize("backend", ["optuna", "ray"])
 @pytest.mark.parametrize("seed", ["-1", "4294967296"])
 def test_a_seed_outside_numpys_range_is_refused_before_anything_is_created(cli, tmp_path, backend, seed):
@@ -100,8 +108,10 @@ def test_a_cpu_trial_asks_for_a_whole_machine_and_a_gpu_trial_for_one_gpu():
 
 def test_the_notes_say_how_many_trials_a_machine_ran_at_once():
     assert resources_note({"cpu": 2.0}) == (
-        "Ray gave each trial 2 CPUs, a whole machine, so a machine runs one trial at a time: "
-        "trials sharing cores would slow each other and skew samples/s and time to target.")
+        "Ray gave each trial 2 CPUs, all the cores of the smallest machine, so that machine runs "
+        "one trial at a time (a larger one as many as its cores hold): trials sharing cores "
+        "would slow each other and skew samples/s and time to target.")
+    assert resources_note({"cpu": 1}).startswith("Ray gave each trial 1 CPU, all the cores")
     assert resources_note({"gpu": 1, "cpu": 1}) == (
         "Ray ran one trial per GPU at a time (1 GPU and 1 CPU each).")
 
