@@ -11,11 +11,12 @@ from batchscope.atomic import check_writable_directory
 from batchscope.cli.common import JSON_HELP, console, print_json
 from batchscope.errors import UsageError
 from batchscope.record import RunRecord
+from batchscope.report.html import PLOTS_DIR, REPORT_NAME
+from batchscope.sweep.output import FIGURES_DIR
 
-REPORT_NAME = "report.html"
-# Where each kind's writer puts its PNG/SVG plots, next to the HTML (sweep/output.FIGURES_DIR
-# for sweeps). Named here so that both paths are checked before anything is drawn.
-_PLOTS_DIR = {"tune": "plots", "adaptive": "plots", "sweep": "figures"}
+# Where each kind's writer puts its PNG/SVG plots, next to the HTML: both paths are checked
+# before anything is drawn.
+_PLOTS_DIR = {"tune": PLOTS_DIR, "adaptive": PLOTS_DIR, "sweep": FIGURES_DIR}
 
 HTML_HELP = (f"Write the HTML report to this file instead of {REPORT_NAME} next to RUN.json; its "
              "plots (PNG/SVG) go in a folder beside it and the run's own directory is left as it "

@@ -11,7 +11,7 @@ from matplotlib.ticker import FuncFormatter, NullLocator
 
 from batchscope.record import RunRecord
 from batchscope.report.axes import batch_size_label
-from batchscope.report.html import save_figures, write_html_report
+from batchscope.report.html import PLOTS_DIR, REPORT_NAME, save_figures, write_html_report
 
 _CHANGE_STYLE = {"color": "#d62728", "zorder": 3}
 
@@ -27,11 +27,11 @@ def write_adaptive_report(record: RunRecord, out_dir: str | Path,
     ) if figure is not None]
     settings = sections.get("settings", {})
     return write_html_report(
-        html_path or out / "report.html",
+        html_path or out / REPORT_NAME,
         title=f"batchscope adaptive run — {record.workload.get('name', 'workload')}",
         subtitle=f"{record.environment.get('device_name') or record.environment.get('device', '')} · "
                  f"{record.created_at}",
-        figures=save_figures(out / "plots", figures),
+        figures=save_figures(out / PLOTS_DIR, figures),
         tables=[("Batch changes", _change_rows(sections.get("changes", []))),
                 ("Settings", [{"setting": key, "value": value} for key, value in settings.items()
                               if key not in ("candidates", "schedule")])],

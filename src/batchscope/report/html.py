@@ -21,6 +21,11 @@ from matplotlib.figure import Figure
 
 from batchscope.atomic import write_bytes_atomic
 
+REPORT_NAME = "report.html"
+"""The HTML file a run's report is written to, beside its record, unless told otherwise."""
+PLOTS_DIR = "plots"
+"""The folder beside the HTML where tune's and the adaptive mode's PNG/SVG plots go."""
+
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto;
        max-width: 1100px; color: #1d1d1f; line-height: 1.45; padding: 0 1rem; }

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from batchscope.record import RunRecord
-from batchscope.report.html import save_figures, write_html_report
+from batchscope.report.html import PLOTS_DIR, REPORT_NAME, save_figures, write_html_report
 from batchscope.report.tune_plots import tune_figures
 
 
@@ -17,10 +17,10 @@ def write_tune_report(record: RunRecord, out_dir: str | Path, html_path: str | P
     reference = record.workload.get("reference_batch_size")
     figures = tune_figures(sections, reference)
     return write_html_report(
-        html_path or out / "report.html",
+        html_path or out / REPORT_NAME,
         title=f"batchscope tune — {record.workload.get('name', 'workload')}",
         subtitle=_subtitle(record),
-        figures=save_figures(out / "plots", figures),
+        figures=save_figures(out / PLOTS_DIR, figures),
         tables=_tables(sections, record.workload),
         notes=_notes(sections, record.errors),
     )

@@ -13,11 +13,12 @@ from typing import Any
 
 from batchscope.checks import require_int
 from batchscope.record import RunRecord
+from batchscope.report.html import REPORT_NAME
 from batchscope.sweep.results import SweepResult, write_trials_csv
 
 RECORD_NAME = "run.json"
 CSV_NAME = "trials.csv"
-HTML_NAME = "report.html"
+HTML_NAME = REPORT_NAME  # every kind of run names its HTML the same
 FIGURES_DIR = "figures"
 
 
