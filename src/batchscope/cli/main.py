@@ -22,6 +22,7 @@ _CLICK_USAGE_ERRORS = tuple(
     base for base in typer.BadParameter.__mro__ if base.__name__ == "UsageError"
 )
 _ABORTS = (typer.Abort,)
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
 
 # Plain click help, not Typer's rich panels: this Typer's panels print a value placeholder for
 # options that take none ("--json <bool>", "--verbose <int>"), so `-v 2` looked right and failed.
@@ -87,8 +88,10 @@ def run(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
         sys.exit(1)
     except _ABORTS:
-        sys.stderr.write("aborted\n")
-        sys.exit(130)
+        code = INTERRUPTED
+    if code == INTERRUPTED:  # Typer turns Ctrl-C into this exit code, without a word
+        sys.stderr.write("aborted: interrupted (Ctrl-C); the run record tune had started is kept "
+                         "with what it had measured\n")
     sys.exit(code if isinstance(code, int) else 0)
 
 
