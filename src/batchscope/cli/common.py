@@ -126,11 +126,25 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def _quiet_optuna() -> None:
+    # Optuna logs every trial at INFO through its own handler (the sweep's progress, as Optuna
+    # users expect), and sets that level when it is imported: so it is imported here to set it.
+    try:
+        import optuna
+    except ImportError:
+        return
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
 def configure_logging(verbosity: int) -> None:
-    """-v / -q for the CLI only: the library never configures logging itself."""
+    """-v / -q for the CLI only: the library never configures logging itself. Quiet (-1) also
+    silences the progress lines on stderr and Optuna's per-trial log: only errors remain."""
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
         max(-1, min(verbosity, 2)), logging.DEBUG
     )
+    err_console.quiet = verbosity < 0
+    if verbosity < 0:
+        _quiet_optuna()
     logger = logging.getLogger("batchscope")
     logger.setLevel(level)
     if not any(getattr(h, "_batchscope_cli", False) for h in logger.handlers):

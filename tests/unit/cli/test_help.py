@@ -47,3 +47,20 @@ def test_vv_sets_debug_logging(capsys):
         assert logger.level == logging.DEBUG
     finally:
         logger.setLevel(previous)  # other tests' log capture expects the default
+
+
+def test_quiet_silences_progress_lines_and_optunas_trial_log(capsys):
+    import optuna
+
+    from batchscope.cli.common import configure_logging, err_console
+
+    try:
+        configure_logging(-1)
+        err_console.print("measuring ...")
+        assert capsys.readouterr().err == ""
+        assert optuna.logging.get_verbosity() == optuna.logging.ERROR  # no "[I ...] Trial 0"
+    finally:
+        configure_logging(0)
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+    err_console.print("measuring ...")
+    assert capsys.readouterr().err == "measuring ...\n"
