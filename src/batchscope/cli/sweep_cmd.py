@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from batchscope.cli.common import (
@@ -112,6 +113,9 @@ def command(
     render(result)
 
 
+UNCUT_TABLE_WIDTH = 200
+
+
 def render(result: SweepResult) -> None:
     table = Table(title=f"Sweep: {len(result.trials)} trials ({result.metric_name})")
     for column in ("trial", "batch", "rule", "lr", "outcome", "final", "to target (s)",
@@ -131,7 +135,11 @@ def render(result: SweepResult) -> None:
             _num(trial.samples_per_second),
             "*" if trial.key in front else "",
         )
-    console.print(table)
+    # Piped (no terminal to fit), rich would squeeze ten columns into 80 characters and cut every
+    # trial name ("b32-…"); a file or a pager takes the table's own width.
+    wide = console if console.is_terminal else Console(
+        file=console.file, width=UNCUT_TABLE_WIDTH, markup=False, highlight=False)
+    wide.print(table)
     best = result.best()
     if best is not None:
         console.print(f"Pareto front: {', '.join(result.front)}; fastest: {best.key}")

@@ -180,3 +180,15 @@ def test_a_pruned_trial_that_reached_the_target_sooner_is_named_not_silently_ran
 def test_a_target_metric_that_is_not_a_finite_number_is_refused(target):
     with pytest.raises(UsageError, match=r"target_metric=.* must be a finite number"):
         TrialSettings(epochs=1, evals_per_epoch=1, seed=0, target_metric=target)
+
+
+def test_a_piped_sweep_table_keeps_every_trial_name_whole(capsys):
+    from batchscope.cli.sweep_cmd import render
+
+    trials = [_trial(f"b{batch}-linear", "complete", [EvalPoint(1, 1.0, 4, 128, 2.3, 0.25, 2.0)],
+                     True) for batch in (32, 1024)]
+    trials[1].batch_size = 1024
+    render(SweepResult.build(trials, higher_is_better=True, target_metric=None,
+                             metric_name="accuracy"))
+    out = capsys.readouterr().out  # not a terminal: rich would have cut to 80 columns
+    assert "b1024-linear" in out and "b32-linear" in out and "…" not in out, out
