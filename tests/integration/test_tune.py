@@ -240,12 +240,13 @@ def test_the_data_path_is_checked_at_the_recommended_batch(tmp_path):
     make_batch = _user_objects()[2]
 
     def slow_loader(batch_size, device):
-        # 50 ms a batch against a step of about a millisecond: a bottleneck at any batch size,
-        # also when a loaded machine makes the step ten times slower (20 ms once was not).
+        # 300 ms a batch against a step of about a millisecond: a bottleneck at any batch size,
+        # also when a loaded machine slows the step a hundredfold (20 ms a batch once was not,
+        # nor 50 ms with other test runs on the 2 cores: the step took 142 ms).
         generator = torch.Generator().manual_seed(0)
         seen.append(batch_size)
         for _ in range(8):
-            time.sleep(0.05)
+            time.sleep(0.3)
             yield make_batch(batch_size, device, generator)
 
     result = batchscope.tune(_loader_workload(slow_loader), device="cpu", budget_s=10,
