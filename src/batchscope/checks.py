@@ -41,14 +41,22 @@ def require_int(
 def require_positive_number(name: str, value: Any, *, hint: str | None = None) -> float:
     """`value` as a float, when it is a finite real number > 0 (not a bool); numpy scalars
     are accepted. Otherwise a `UsageError`."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not _finite_real(value) or value <= 0:
         raise _usage_error(name, value, "a positive finite number", hint)
     return float(value)
+
+
+def require_finite_number(name: str, value: Any, *, hint: str | None = None) -> float:
+    """`value` as a float, when it is a finite real number (not a bool, NaN or infinity);
+    numpy scalars are accepted. Otherwise a `UsageError`."""
+    if not _finite_real(value):
+        raise _usage_error(name, value, "a finite number", hint)
+    return float(value)
+
+
+def _finite_real(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and math.isfinite(value))
 
 
 def _usage_error(name: str, value: Any, expected: str, hint: str | None) -> UsageError:

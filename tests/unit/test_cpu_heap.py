@@ -168,16 +168,11 @@ def test_a_blocks_header_says_whether_it_has_a_mapping_of_its_own():
 # Run in a fresh process: in a long test session the heap already holds free chunks that glibc
 # reuses before it considers mmap at all, whatever the threshold.
 _HEAP_SCENARIO = r"""
-import ctypes, ctypes.util, sys, torch
+import torch
 import batchscope
 from batchscope import cpu_heap, device as devices
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                               "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.mallinfo2.restype = MallInfo2
+libc = cpu_heap._libc()
 
 def mmapped_while_holding_one_mebibyte():
     before = libc.mallinfo2().hblks

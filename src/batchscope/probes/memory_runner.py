@@ -192,9 +192,7 @@ class InProcessRunner:
 
     def _prepare(self, guard: StateGuard | None, warm_batch_size: int) -> None:
         self.model = self._build_model()
-        # Neither batchscope's snapshot of the model nor what a first step leaves behind for
-        # good (thread pools, kernel caches, the dataset a workload loads on first use: 60+ MiB
-        # of resident memory on CPU, independent of the batch) is the job's step memory.
+        # What follows (the snapshot, the warm-up) is left out of the job's memory: see settle.
         before = devices.current_memory_bytes(self.device)
         if guard is not None:
             guard.protect(self.model)

@@ -8,12 +8,10 @@ by a Ray trial or saved in a run record are all the same thing.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchscope.checks import require_int
-from batchscope.errors import UsageError
+from batchscope.checks import require_finite_number, require_int
 
 OUTCOMES = ("complete", "pruned", "diverged", "oom")
 """How a trial can end as a result (anything else raised is a bug and propagates)."""
@@ -42,10 +40,10 @@ class TrialSettings:
         # a traceback after the study's files were created.
         object.__setattr__(self, "seed", require_int(
             "seed", self.seed, minimum=0, maximum=MAX_SEED, hint="--seed, e.g. 0"))
-        if self.target_metric is not None and not _finite_number(self.target_metric):
+        if self.target_metric is not None:
             # NaN was stored as null and the target silently dropped.
-            raise UsageError(f"target_metric={self.target_metric!r} must be a finite number "
-                             f"(--target-metric, e.g. 0.6 for 60% accuracy)")
+            require_finite_number("target_metric", self.target_metric,
+                                  hint="--target-metric, e.g. 0.6 for 60% accuracy")
         if self.max_micro_batch_size is not None:
             object.__setattr__(self, "max_micro_batch_size", require_int(
                 "max_micro_batch_size", self.max_micro_batch_size,
@@ -146,8 +144,3 @@ def first_reaching(
         if point.metric >= target if higher_is_better else point.metric <= target:
             return point
     return None
-
-
-def _finite_number(value: Any) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
